@@ -1,0 +1,36 @@
+"""Shared fixtures: tiny random-weight donor and LLMs generated once per test session (no hub access)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    from vlmgraft.fixtures.models import save_tiny_donor, save_tiny_llm
+
+    root = tmp_path_factory.mktemp("tiny")
+    save_tiny_donor(root / "donor")
+    save_tiny_llm(root / "qwen3", family="qwen3", tied=True)
+    save_tiny_llm(root / "qwen3-untied", family="qwen3", tied=False)
+    save_tiny_llm(root / "llama3", family="llama3", tied=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_graft(tiny_dir):
+    """A graft of the tiny donor onto the tied Qwen3-like LLM, saved as bf16 like a real build."""
+    from vlmgraft.graft.build import BuildOptions, build
+
+    out = tiny_dir / "graft-qwen3"
+    build(BuildOptions(vision=str(tiny_dir / "donor"), llm=str(tiny_dir / "qwen3"), out=out), log=lambda *_: None)
+    return out
