@@ -1,0 +1,113 @@
+"""Trainer callbacks: checkpoint metadata for `vlmgraft merge`, and answers to fixed eval images as training goes."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from vlmgraft.data.sample import Sample
+
+log = logging.getLogger(__name__)
+CHECKPOINT_META = "vlmgraft_checkpoint.json"
+
+
+class CheckpointMetadata(TrainerCallback):
+    """Writes `vlmgraft_checkpoint.json` (base model, stage, config) into every checkpoint folder."""
+
+    def __init__(self, meta: dict):
+        self.meta = meta
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if folder.is_dir() and state.is_world_process_zero:
+            (folder / CHECKPOINT_META).write_text(json.dumps({**self.meta, "step": state.global_step}, indent=2,
+                                                             ensure_ascii=False))
+
+
+def prompt_of(sample: Sample) -> tuple[list[dict], str]:
+    """The conversation up to (not including) the last assistant turn, and that turn's text."""
+    messages = list(sample.messages)
+    reference = ""
+    if messages and messages[-1]["role"] == "assistant":
+        content = messages.pop()["content"]
+        reference = content if isinstance(content, str) else "".join(p.get("text", "") for p in content)
+    return messages, reference
+
+
+@torch.no_grad()
+def answer_samples(model, processor, samples: list[Sample], max_new_tokens: int = 32,
+                   enable_thinking: bool = False) -> list[dict]:
+    """Greedy answers, one sample at a time (a handful of samples: clarity beats batching here)."""
+    was_training = model.training
+    model.eval()
+    results = []
+    for sample in samples:
+        messages, reference = prompt_of(sample)
+        text = processor.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=enable_thinking)
+        batch = processor(text=[text], images=[sample.images] if sample.images else None, return_tensors="pt")
+        batch = {k: v.to(model.device) for k, v in batch.items()}
+        if "pixel_values" in batch:
+            batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
+        answer = processor.tokenizer.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        question = next((p.get("text", "") for m in messages if m["role"] == "user" and isinstance(m["content"], list)
+                         for p in m["content"] if p.get("type") == "text"), "")
+        results.append({"question": question, "answer": answer.strip(), "reference": reference})
+    model.train(was_training)
+    return results
+
+
+class SampleAnswers(TrainerCallback):
+    """Every k steps (or at each evaluation), answer a few fixed eval images; log to samples.jsonl and TensorBoard."""
+
+    def __init__(self, processor, samples: list[Sample], every: int, out_dir: Path, enable_thinking: bool = False):
+        self.processor = processor
+        self.samples = samples
+        self.every = every
+        self.out_dir = Path(out_dir)
+        self.enable_thinking = enable_thinking
+        self._writer = None
+
+    def _run(self, args, state, model):
+        if not self.samples or not state.is_world_process_zero:
+            return
+        results = answer_samples(model, self.processor, self.samples, enable_thinking=self.enable_thinking)
+        with open(self.out_dir / "samples.jsonl", "a", encoding="utf-8") as f:
+            for i, r in enumerate(results):
+                f.write(json.dumps({"step": state.global_step, "index": i, **r}, ensure_ascii=False) + "\n")
+        for r in results:
+            log.info(f"[step {state.global_step}] Q: {r['question']} | A: {r['answer']} | ref: {r['reference']}")
+        if "tensorboard" in (args.report_to or []):
+            self._tensorboard(args, state, results)
+
+    def _tensorboard(self, args, state, results):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            return
+        if self._writer is None:
+            self._writer = SummaryWriter(str(Path(args.logging_dir or self.out_dir / "runs") / "samples"))
+        table = "\n".join(f"| {r['question']} | {r['answer']} | {r['reference']} |" for r in results)
+        self._writer.add_text("samples", "| question | answer | reference |\n|---|---|---|\n" + table,
+                              state.global_step)
+        if state.global_step == 0 or not getattr(self, "_images_logged", False):
+            import numpy as np
+
+            for i, sample in enumerate(self.samples):
+                if sample.images:
+                    self._writer.add_image(f"sample_{i}", np.asarray(sample.images[0]), state.global_step,
+                                           dataformats="HWC")
+            self._images_logged = True
+        self._writer.flush()
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.every and state.global_step % self.every == 0 and model is not None:
+            self._run(args, state, model)
+
+    def on_evaluate(self, args, state, control, model=None, **kwargs):
+        if not self.every and model is not None:
+            self._run(args, state, model)

@@ -1,0 +1,175 @@
+"""One training run: load the graft, prepare its stage, build data, train (resuming automatically), save `final/`.
+
+Run folder layout: `run_config.yaml` (the resolved config), `checkpoint-N/` (Trainer checkpoints with processor
+files and `vlmgraft_checkpoint.json`), `final/` (the end of the run: a full stock model folder for align/align-head/
+full, a PEFT adapter folder for finetune), `samples.jsonl`, `run_summary.json`, TensorBoard logs under `runs/`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from transformers import AutoModelForImageTextToText, AutoProcessor, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from vlmgraft import hub
+from vlmgraft.errors import VlmgraftError
+from vlmgraft.graft.families import family_for
+from vlmgraft.train.callbacks import CHECKPOINT_META, CheckpointMetadata, SampleAnswers
+from vlmgraft.train.config import TrainConfig, to_dict
+from vlmgraft.train.stages import prepare_model, trainable_table
+from vlmgraft.train.trainer import GraftTrainer
+
+log = logging.getLogger(__name__)
+# Files a run writes before its first checkpoint; a folder holding only these can be restarted safely.
+RUN_FILES = {"run_config.yaml", "runs", "samples.jsonl"}
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    final_dir: Path
+    metrics: dict
+    vision_gaps: list[tuple[int, float]]
+    trainable: dict
+
+
+def _resolve_output(config: TrainConfig, force: bool) -> str | None:
+    """Decide between a fresh run, a resume from the newest checkpoint, or a refusal."""
+    out = Path(config.output_dir)
+    if force and out.exists():
+        shutil.rmtree(out)
+    if not out.exists():
+        return None
+    if (out / "final").exists():
+        raise VlmgraftError(f"run folder {str(out)!r} holds a finished run (final/); pass --force to start over or "
+                            f"choose another output_dir")
+    last = get_last_checkpoint(str(out))
+    if last is None and set(p.name for p in out.iterdir()) - RUN_FILES:
+        raise VlmgraftError(f"output_dir {str(out)!r} exists and holds files that are not a vlmgraft run; pass "
+                            f"--force to overwrite it")
+    return last
+
+
+def _load_model(config: TrainConfig):
+    dtype = torch.bfloat16 if config.bf16 else torch.float32
+    kwargs = {"dtype": dtype, "attn_implementation": config.attn_implementation}
+    if config.quantize_4bit:
+        if not torch.cuda.is_available():
+            raise VlmgraftError("quantize_4bit (QLoRA) needs a CUDA GPU: bitsandbytes 4-bit weights do not run on "
+                                "the CPU. Set quantize_4bit: false, or train on a GPU machine.")
+        try:
+            from transformers import BitsAndBytesConfig
+        except ImportError as err:
+            raise VlmgraftError("quantize_4bit needs bitsandbytes: pip install bitsandbytes") from err
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True,
+            llm_int8_skip_modules=["vision_model", "connector", "lm_head"])
+    model = hub.load(AutoModelForImageTextToText.from_pretrained, config.model, "model to train", **kwargs)
+    processor = hub.load(AutoProcessor.from_pretrained, config.model, "model's processor")
+    return model, processor
+
+
+def _training_arguments(config: TrainConfig, has_eval: bool) -> TrainingArguments:
+    use_bf16 = config.bf16 and (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    return TrainingArguments(
+        output_dir=config.output_dir, run_name=config.run_name, seed=config.seed, data_seed=config.data_seed,
+        learning_rate=config.learning_rate, lr_scheduler_type=config.lr_scheduler_type,
+        warmup_steps=config.warmup_ratio, weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm, per_device_train_batch_size=config.per_device_train_batch_size,
+        per_device_eval_batch_size=config.per_device_eval_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps, num_train_epochs=config.num_train_epochs,
+        max_steps=config.max_steps, bf16=use_bf16, gradient_checkpointing=config.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
+        logging_steps=config.logging_steps, logging_dir=str(Path(config.output_dir) / "runs"),
+        eval_strategy="steps" if has_eval else "no", eval_steps=config.eval_steps if has_eval else None,
+        save_strategy="steps", save_steps=config.save_steps, save_total_limit=config.save_total_limit,
+        load_best_model_at_end=has_eval, metric_for_best_model="eval_loss" if has_eval else None,
+        greater_is_better=False if has_eval else None, report_to=config.report_to,
+        remove_unused_columns=False, prediction_loss_only=True, label_names=["labels"],
+        dataloader_num_workers=config.data_settings.num_workers,
+        dataloader_persistent_workers=config.data_settings.num_workers > 0,
+        ddp_find_unused_parameters=False, deepspeed=config.deepspeed, fsdp=config.fsdp or None,
+        fsdp_config=config.fsdp_config,
+    )
+
+
+def _datasets(config: TrainConfig):
+    from vlmgraft.data.spec import build_dataset
+
+    settings = config.data_settings
+    if config.eval_data:
+        train_ds, _ = build_dataset(config.data, seed=config.data_seed, eval_size=0)
+        eval_ds, _ = build_dataset(config.eval_data, seed=config.data_seed, eval_size=0)
+    else:
+        train_ds, eval_ds = build_dataset(config.data, seed=config.data_seed, eval_size=settings.eval_size)
+    return train_ds, eval_ds
+
+
+def _collator(processor, config: TrainConfig):
+    from vlmgraft.data.collate import VisionChatCollator
+
+    s = config.data_settings
+    return VisionChatCollator(processor, max_length=s.max_length, loss_on=s.loss_on, overflow=s.overflow,
+                              packing=s.packing, enable_thinking=s.enable_thinking)
+
+
+def train(config: TrainConfig, force: bool = False, callbacks: tuple = (), echo=print) -> TrainResult:
+    resume_from = _resolve_output(config, force)
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "run_config.yaml").write_text(yaml.safe_dump(to_dict(config), allow_unicode=True, sort_keys=False))
+    model, processor = _load_model(config)
+    family = family_for(model.config.model_type)
+    model, plan = prepare_model(model, family, config)
+    table, counts = trainable_table(model, family)
+    echo(f"stage {plan.stage}: trains {', '.join(sorted(plan.groups))}"
+         + (f" + last {plan.vision_layers} vision layers" if plan.vision_layers else "")
+         + (f" + {'DoRA' if config.lora.use_dora else 'LoRA'} r={config.lora.r} on the LLM" if plan.lora else "")
+         + f"\n{table}")
+    if config.gradient_checkpointing:
+        model.enable_input_require_grads()
+
+    train_ds, eval_ds = _datasets(config)
+    collator = _collator(processor, config)
+    args = _training_arguments(config, has_eval=eval_ds is not None and len(eval_ds) > 0)
+    base_model = config.model
+    meta = {"base_model": str(Path(base_model).resolve()) if hub.is_local(base_model) else base_model,
+            "stage": plan.stage, "lora": plan.lora, "config": to_dict(config)}
+    sample_set = [eval_ds[i] for i in range(min(config.num_sample_images, len(eval_ds)))] if eval_ds else []
+    trainer = GraftTrainer(
+        model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds if args.eval_strategy != "no" else None,
+        data_collator=collator, processing_class=processor, family=family, graft_config=config,
+        callbacks=[CheckpointMetadata(meta),
+                   SampleAnswers(processor, sample_set, config.sample_every, out, config.data_settings.enable_thinking),
+                   *callbacks])
+    if resume_from:
+        echo(f"resuming from {resume_from}")
+    result = trainer.train(resume_from_checkpoint=resume_from)
+
+    final = out / "final"
+    trainer.save_model(str(final))
+    if trainer.is_world_process_zero():
+        processor.save_pretrained(final)
+        (final / CHECKPOINT_META).write_text(json.dumps({**meta, "step": trainer.state.global_step}, indent=2,
+                                                        ensure_ascii=False))
+        summary = {"metrics": result.metrics, "trainable": counts, "vision_gaps": trainer.vision_gaps,
+                   "data_events": dict(getattr(collator, "stats", {}) or {}),
+                   "skipped_images": _skip_report(train_ds)}
+        (out / "run_summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False, default=str))
+        if summary["data_events"]:
+            echo("data events: " + ", ".join(f"{k}={v}" for k, v in summary["data_events"].items()))
+    return TrainResult(out, final, result.metrics, trainer.vision_gaps, counts)
+
+
+def _skip_report(dataset) -> dict:
+    stats = getattr(dataset, "skip_log", None) or getattr(dataset, "stats", None)
+    if stats is None:
+        return {}
+    return stats.as_dict() if hasattr(stats, "as_dict") else dict(stats)

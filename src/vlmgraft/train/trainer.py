@@ -1,0 +1,147 @@
+"""`GraftTrainer`: the transformers Trainer with three changes that matter for grafted VLMs.
+
+1. Logits and cross-entropy only at positions that carry a label. A Cauldron-like sample is ~1100 image tokens and
+   a short answer; full-vocabulary logits at every position (151,936 × seq) dominate memory and time otherwise.
+   The stock model already supports this through `logits_to_keep` with an index tensor, so no forward is rewritten.
+2. Per-module-group learning rates and LoRA+ through `create_optimizer`.
+3. The does-it-see probe: at each evaluation, the eval loss with the real images vs. the same batches with the
+   images replaced by noise. A graft whose images never reach the LLM shows a gap of ~0 — the classic silent failure.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from transformers import Trainer
+
+from vlmgraft.graft.families import DonorFamily
+from vlmgraft.train.config import TrainConfig
+from vlmgraft.train.stages import optimizer_groups
+
+log = logging.getLogger(__name__)
+IGNORE = -100
+
+
+def label_only_loss(model, inputs: dict, num_items_in_batch=None) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over labelled positions / the item count; returns (loss, labelled tokens)."""
+    inputs = dict(inputs)
+    labels = inputs.pop("labels")
+    inputs.pop("num_samples", None)
+    targets_all = labels[:, 1:]
+    keep = (targets_all != IGNORE).any(0).nonzero().squeeze(1)
+    if keep.numel() == 0:  # nothing to learn in this batch: a zero loss that still touches the graph
+        keep = torch.zeros(1, dtype=torch.long, device=labels.device)
+    outputs = model(**inputs, logits_to_keep=keep, use_cache=False)
+    logits = outputs.logits
+    targets = targets_all[:, keep]
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE,
+                           reduction="sum")
+    count = int((targets != IGNORE).sum())
+    denominator = num_items_in_batch if num_items_in_batch is not None else max(count, 1)
+    if isinstance(denominator, torch.Tensor):
+        denominator = denominator.to(loss.device)
+    return loss / denominator, count
+
+
+def noise_like_images(pixel_values: torch.Tensor) -> torch.Tensor:
+    """Uniform noise in the normalised pixel range, keeping all-zero padding tiles zero (the model drops them)."""
+    real = pixel_values.flatten(2).abs().sum(-1) > 0
+    noise = torch.rand_like(pixel_values) * 2 - 1
+    return torch.where(real[..., None, None, None], noise, torch.zeros_like(pixel_values))
+
+
+class GraftTrainer(Trainer):
+    def __init__(self, *args, family: DonorFamily, graft_config: TrainConfig, probe_batches: int = 4, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.family = family
+        self.graft_config = graft_config
+        self.probe_batches = probe_batches
+        self._tokens = 0
+        self._samples = 0
+        self._window_start = time.perf_counter()
+        self.vision_gaps: list[tuple[int, float]] = []
+
+    # -- loss ---------------------------------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if model.training:
+            mask = inputs.get("attention_mask")
+            self._tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
+            self._samples += int(inputs["num_samples"].sum()) if "num_samples" in inputs else \
+                inputs["input_ids"].shape[0]
+        loss, _ = label_only_loss(model, inputs, num_items_in_batch)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # the item count was summed over processes
+        return (loss, {"loss": loss}) if return_outputs else loss
+
+    # -- optimiser ----------------------------------------------------------------------------------------------
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            opt_model = self.model if model is None else model
+            decay = set(self.get_decay_parameter_names(opt_model))
+            groups = optimizer_groups(opt_model, self.family, self.graft_config, decay)
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            optimizer_kwargs.pop("lr", None)
+            self.optimizer = optimizer_cls(groups, lr=self.args.learning_rate, **optimizer_kwargs)
+        return self.optimizer
+
+    # -- logging ------------------------------------------------------------------------------------------------
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        if "loss" in logs:
+            elapsed = max(time.perf_counter() - self._window_start, 1e-9)
+            logs["samples_per_second"] = round(self._samples / elapsed, 2)
+            logs["tokens_per_second"] = round(self._tokens / elapsed, 1)
+            self._tokens = self._samples = 0
+            self._window_start = time.perf_counter()
+        super().log(logs, start_time)
+
+    # -- the does-it-see probe ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def vision_gap(self, dataset=None) -> dict:
+        loader = self.get_eval_dataloader(dataset)
+        model = self.model
+        was_training = model.training
+        model.eval()
+        real = noise = 0.0
+        batches = 0
+        for batch in loader:
+            if batches >= self.probe_batches:
+                break
+            batch = self._prepare_inputs(batch)
+            if "pixel_values" not in batch:
+                continue
+            with self.compute_loss_context_manager():
+                real += float(label_only_loss(model, batch)[0])
+                noisy = dict(batch, pixel_values=noise_like_images(batch["pixel_values"]))
+                noise += float(label_only_loss(model, noisy)[0])
+            batches += 1
+        model.train(was_training)
+        if not batches:
+            return {}
+        result = {"probe_loss_real_images": real / batches, "probe_loss_noise_images": noise / batches}
+        result["vision_gap"] = result["probe_loss_noise_images"] - result["probe_loss_real_images"]
+        return result
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        probe = self.vision_gap(eval_dataset)
+        if probe:
+            probe = {f"{metric_key_prefix}_{k}": v for k, v in probe.items()}
+            self.log(probe)
+            metrics.update(probe)
+            gap = probe[f"{metric_key_prefix}_vision_gap"]
+            self.vision_gaps.append((self.state.global_step, gap))
+            self._warn_if_blind(gap)
+        return metrics
+
+    def _warn_if_blind(self, gap: float) -> None:
+        warmup = self.args.get_warmup_steps(self.state.max_steps) if self.state.max_steps > 0 else 0
+        if self.state.global_step > warmup and (abs(gap) < self.graft_config.vision_gap_warn or math.isnan(gap)):
+            banner = "!" * 100
+            log.warning(f"\n{banner}\nThe model does not seem to use the images: eval loss with noise instead of "
+                        f"images is only {gap:+.4f} above the loss with the real images at step "
+                        f"{self.state.global_step}.\nCheck the graft (`vlmgraft audit`), the image token id on "
+                        f"every config level, and that the connector trains.\n{banner}")
