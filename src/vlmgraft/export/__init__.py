@@ -1,0 +1,1 @@
+"""Export: merge LoRA/DoRA checkpoints into standalone model folders (`merge`) and ONNX graphs (`onnx_export`)."""

@@ -117,12 +117,12 @@ def _prompt_ids(tokenizer, n: int = 24) -> torch.Tensor:
 @torch.no_grad()
 def check_text_parity(report: AuditReport, graft, llm, tokenizer, compare_ids: list[int] | None = None) -> None:
     """Final hidden states through each model's own head rows; identical GEMM shapes keep fp32 noise out."""
-    ids = _prompt_ids(tokenizer)
+    ids = _prompt_ids(tokenizer).to(graft.device)
     rows = llm.get_output_embeddings().weight.shape[0]
     hidden_graft = graft.model(input_ids=ids).last_hidden_state
-    hidden_llm = llm.get_decoder()(input_ids=ids).last_hidden_state
+    hidden_llm = llm.get_decoder()(input_ids=ids.to(llm.device)).last_hidden_state
     a = torch.nn.functional.linear(hidden_graft, graft.lm_head.weight[:rows]).float()
-    b = llm.get_output_embeddings()(hidden_llm).float()
+    b = llm.get_output_embeddings()(hidden_llm).float().to(a.device)
     cols = compare_ids if compare_ids is not None else list(range(rows))
     diff = (a[..., cols] - b[..., cols]).abs().max().item()
     report.add("text-only logits = LLM", diff <= TEXT_PARITY_TOL,
@@ -130,10 +130,11 @@ def check_text_parity(report: AuditReport, graft, llm, tokenizer, compare_ids: l
                diff)
 
 
-def _image_batch(processor, images: list[Image.Image], question: str = "Describe the image.") -> dict:
+def _image_batch(processor, images: list[Image.Image], device, question: str = "Describe the image.") -> dict:
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
-    return processor(text=[text] * len(images), images=[[im] for im in images], return_tensors="pt", padding=True)
+    batch = processor(text=[text] * len(images), images=[[im] for im in images], return_tensors="pt", padding=True)
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def probe_images(processor, seed: int = 0) -> tuple[Image.Image, Image.Image, Image.Image]:
@@ -149,31 +150,46 @@ def probe_images(processor, seed: int = 0) -> tuple[Image.Image, Image.Image, Im
 @torch.no_grad()
 def check_image_effect(report: AuditReport, graft, processor) -> None:
     noise, flat, _ = probe_images(processor)
-    batch = _image_batch(processor, [noise, flat])
+    batch = _image_batch(processor, [noise, flat], graft.device)
     logits = graft(**batch).logits[:, -1].float()
     diff = (logits[0] - logits[1]).abs().max().item()
     report.add("images change the output", diff > IMAGE_EFFECT_MIN,
                f"max |Δ next-token logit| between two images = {diff:.3g}", diff)
 
 
+class _NoTrainableConnector(Exception):
+    """The connector has no parameter that can take a gradient."""
+
+
 def check_connector_gradient(report: AuditReport, graft, processor, family: DonorFamily) -> None:
     noise, _, _ = probe_images(processor)
-    batch = _image_batch(processor, [noise])
-    graft.zero_grad(set_to_none=True)
-    out = graft(**batch, labels=batch["input_ids"].masked_fill(batch["input_ids"] == graft.config.image_token_id,
-                                                               -100))
-    out.loss.backward()
+    batch = _image_batch(processor, [noise], graft.device)
     connector = graft.get_submodule(family.connector)
-    norm = sum(p.grad.float().norm() ** 2 for p in connector.parameters() if p.grad is not None) ** 0.5
-    norm = float(norm) if not isinstance(norm, float) else norm
-    graft.zero_grad(set_to_none=True)
+    # Only the connector may need a gradient: the vision tower then keeps no activations for backward (that alone
+    # is ~10 GiB for a 17-tile image at real size), and the check still crosses the whole LLM.
+    wanted = {id(p) for p in connector.parameters() if p.requires_grad}
+    saved = {p: p.requires_grad for p in graft.parameters()}
+    for param in graft.parameters():
+        param.requires_grad_(id(param) in wanted)
+    try:
+        if not wanted:
+            raise _NoTrainableConnector
+        labels = batch["input_ids"].masked_fill(batch["input_ids"] == graft.config.image_token_id, -100)
+        graft(**batch, labels=labels).loss.backward()
+        norm = sum(float(p.grad.float().norm()) ** 2 for p in connector.parameters() if p.grad is not None) ** 0.5
+    except _NoTrainableConnector:
+        norm = 0.0
+    finally:
+        graft.zero_grad(set_to_none=True)
+        for param, flag in saved.items():
+            param.requires_grad_(flag)
     report.add("connector receives gradient", norm > 0 and np.isfinite(norm), f"‖∇connector‖ = {norm:.3g}", norm)
 
 
 @torch.no_grad()
 def check_placeholders(report: AuditReport, graft, processor) -> None:
     _, _, big = probe_images(processor)
-    batch = _image_batch(processor, [big])
+    batch = _image_batch(processor, [big], graft.device)
     n_tokens = int((batch["input_ids"] == graft.config.image_token_id).sum())
     features = graft.get_image_features(batch["pixel_values"], batch.get("pixel_attention_mask")).pooler_output
     n_features = sum(f.shape[0] for f in features)

@@ -41,6 +41,7 @@ class BuildOptions:
     force: bool = False
     image_token: str | None = None
     seed: int = 0
+    device: str = "auto"  # where the audit's forward passes run: auto = CUDA when available
 
 
 def guard_output(out: Path, force: bool) -> None:
@@ -89,6 +90,12 @@ def make_processor(llm: str, donor_processor, donor_config, image_token: str | N
     return processor, tokens, new_ids, len(original)
 
 
+def _audit_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def _peak_memory() -> dict:
     peak = {"cpu_peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
     if torch.cuda.is_available():
@@ -109,6 +116,9 @@ def build(opts: BuildOptions, log=print) -> AuditReport:
     image_token_id = processor.tokenizer.convert_tokens_to_ids(tokens.image_token)
     graft, ledger = build_graft(family, donor, llm, image_token_id, new_ids, len(processor.tokenizer), opts.seed)
     compare = [i for i in range(original_len) if i not in set(new_ids)]
+    device = _audit_device(opts.device)
+    graft.to(device)
+    llm.to(device)
     report = run_audit(graft, processor, llm, family, ledger, set(donor.state_dict()), compare)
     log("audit:\n" + report.table())
     out.mkdir(parents=True, exist_ok=True)
@@ -126,7 +136,7 @@ def build(opts: BuildOptions, log=print) -> AuditReport:
         (out / REPORT_NAME).write_text(json.dumps(summary, indent=2, ensure_ascii=False))
         failed = [c.name for c in report.checks if not c.passed]
         raise VlmgraftError(f"graft audit failed ({', '.join(failed)}); nothing but {out / REPORT_NAME} was saved")
-    graft.to(dtype)
+    graft.to("cpu", dtype)
     graft.config.dtype = dtype
     graft.save_pretrained(out)
     processor.save_pretrained(out)

@@ -90,7 +90,7 @@ class SampleAnswers(TrainerCallback):
         except ImportError:
             return
         if self._writer is None:
-            self._writer = SummaryWriter(str(Path(args.logging_dir or self.out_dir / "runs") / "samples"))
+            self._writer = SummaryWriter(str(self.out_dir / "runs" / "samples"))
         table = "\n".join(f"| {r['question']} | {r['answer']} | {r['reference']} |" for r in results)
         self._writer.add_text("samples", "| question | answer | reference |\n|---|---|---|\n" + table,
                               state.global_step)

@@ -87,7 +87,7 @@ def _training_arguments(config: TrainConfig, has_eval: bool) -> TrainingArgument
         gradient_accumulation_steps=config.gradient_accumulation_steps, num_train_epochs=config.num_train_epochs,
         max_steps=config.max_steps, bf16=use_bf16, gradient_checkpointing=config.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
-        logging_steps=config.logging_steps, logging_dir=str(Path(config.output_dir) / "runs"),
+        logging_steps=config.logging_steps,
         eval_strategy="steps" if has_eval else "no", eval_steps=config.eval_steps if has_eval else None,
         save_strategy="steps", save_steps=config.save_steps, save_total_limit=config.save_total_limit,
         load_best_model_at_end=has_eval, metric_for_best_model="eval_loss" if has_eval else None,

@@ -1,0 +1,163 @@
+"""Training throughput of the real-size graft (SmolVLM2-256M vision + Qwen3-0.6B text, random weights) on one GPU.
+
+    python bench/bench_train.py --mode seed           # the seeds' recipe: eager, batch 1, padded to 2048, full logits
+    python bench/bench_train.py --mode ours --batch 8 # sdpa, dynamic padding, label-only logits (GraftTrainer's loss)
+    python bench/bench_train.py --mode ours --batch 8 --packing
+    python bench/bench_train.py --mode ours --batch 8 --stage finetune   # needs peft
+    python bench/bench_train.py --mode ours --batch 8 --e2e --workers 12 # with data loading (JPEG decode + processor)
+
+Compute-only modes feed synthetic tensors shaped like a Cauldron sample: 17 tiles of 512 px → 1088 image tokens, plus
+~300 text tokens of which ~60 are answer tokens that carry labels. Prints one JSON line per run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+from transformers import Qwen3Config, SmolVLMConfig, SmolVLMForConditionalGeneration
+
+from vlmgraft.fixtures.models import real_size_qwen3_config, real_size_vision_config
+from vlmgraft.graft.families import SMOLVLM
+from vlmgraft.train.config import TrainConfig
+from vlmgraft.train.stages import prepare_model
+from vlmgraft.train.trainer import label_only_loss
+
+IMAGE_TOKEN = 151655
+TILES, TOKENS_PER_TILE, TEXT_TOKENS, ANSWER_TOKENS = 17, 64, 300, 60
+H100_BF16_DENSE = 989e12
+
+
+def build_model(attn: str) -> SmolVLMForConditionalGeneration:
+    text: Qwen3Config = real_size_qwen3_config()
+    config = SmolVLMConfig(vision_config=real_size_vision_config(), text_config=text.to_dict(), scale_factor=4,
+                           image_token_id=IMAGE_TOKEN, tie_word_embeddings=True)
+    config._attn_implementation = attn
+    config.text_config._attn_implementation = attn
+    config.vision_config._attn_implementation = attn
+    with torch.device("cuda"):
+        model = SmolVLMForConditionalGeneration(config).to(torch.bfloat16)
+    return model
+
+
+def sample_ids(rng: torch.Generator, pad_to: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sample's ids and labels: text, 17×64 image tokens, more text, then a labelled answer."""
+    text = TEXT_TOKENS + int(torch.randint(-40, 40, (1,), generator=rng))
+    before = torch.randint(0, 150000, (20,), generator=rng)
+    after = torch.randint(0, 150000, (text - 20,), generator=rng)
+    ids = torch.cat([before, torch.full((TILES * TOKENS_PER_TILE,), IMAGE_TOKEN), after])
+    labels = torch.full_like(ids, -100)
+    labels[-ANSWER_TOKENS:] = ids[-ANSWER_TOKENS:]
+    if pad_to:
+        pad = pad_to - ids.numel()
+        ids = torch.cat([ids, torch.zeros(pad, dtype=torch.long)])
+        labels = torch.cat([labels, torch.full((pad,), -100)])
+    return ids, labels
+
+
+def synthetic_batch(batch: int, packing: bool, pad_to: int | None, rng: torch.Generator) -> dict:
+    samples = [sample_ids(rng, pad_to) for _ in range(batch)]
+    pixels = torch.randn(batch, TILES, 3, 512, 512, generator=rng).clamp(-1, 1).to(torch.bfloat16)
+    if packing:
+        ids = torch.cat([s[0] for s in samples])[None]
+        labels = torch.cat([s[1] for s in samples])[None]
+        position_ids = torch.cat([torch.arange(s[0].numel()) for s in samples])[None]
+        out = {"input_ids": ids, "labels": labels, "position_ids": position_ids,
+               "pixel_values": pixels.reshape(1, batch * TILES, 3, 512, 512)}
+    else:
+        length = max(s[0].numel() for s in samples)
+        ids = torch.zeros(batch, length, dtype=torch.long)
+        labels = torch.full((batch, length), -100)
+        mask = torch.zeros(batch, length, dtype=torch.long)
+        for i, (s_ids, s_labels) in enumerate(samples):
+            ids[i, : s_ids.numel()] = s_ids
+            labels[i, : s_ids.numel()] = s_labels
+            mask[i, : s_ids.numel()] = 1
+        out = {"input_ids": ids, "labels": labels, "attention_mask": mask, "pixel_values": pixels}
+    return {k: v.cuda(non_blocking=True) for k, v in out.items()}
+
+
+def flops_per_sample(model, stage: str) -> float:
+    """Dense matmul FLOPs: forward 2·N·tokens per frozen part; backward adds 2·N·T for input gradients and 2·N·T for
+    weight gradients where weights train. Attention score FLOPs are included for the vision tower (1024 patches)."""
+    vision_n = sum(p.numel() for p in model.model.vision_model.parameters())
+    text_n = sum(p.numel() for n, p in model.model.text_model.named_parameters() if "embed_tokens" not in n)
+    patches = TILES * 1024
+    vision_attn = 4 * 1024 * 1024 * 768 * 12 * TILES
+    tokens = TILES * TOKENS_PER_TILE + TEXT_TOKENS
+    vision = 2 * vision_n * patches + vision_attn
+    text = {"align": 4, "finetune": 4, "full": 6}[stage] * text_n * tokens
+    if stage in ("finetune", "full"):
+        vision *= 2 if stage == "finetune" else 3
+    return float(vision + text)
+
+
+def run_compute(args) -> dict:
+    torch.manual_seed(0)
+    rng = torch.Generator().manual_seed(0)
+    model = build_model("eager" if args.mode == "seed" else "sdpa")
+    model, _ = prepare_model(model, SMOLVLM, TrainConfig(model="m", data="d", stage=args.stage))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    if args.compile:
+        model.model.text_model = torch.compile(model.model.text_model, dynamic=True)
+    batch_size = 1 if args.mode == "seed" else args.batch
+    batches = [synthetic_batch(batch_size, args.packing, 2048 if args.mode == "seed" else None, rng)
+               for _ in range(3)]
+    torch.cuda.reset_peak_memory_stats()
+
+    def step(batch):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            if args.mode == "seed":
+                loss = model(**batch).loss  # logits over the whole vocabulary at every position
+            else:
+                loss, _ = label_only_loss(model, batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for i in range(args.warmup):
+        step(batches[i % 3])
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for i in range(args.steps):
+        step(batches[i % 3])
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    samples = args.steps * batch_size
+    sps = samples / seconds
+    tokens = sum(int(b["input_ids"].numel()) for b in batches) / 3 * args.steps / seconds
+    return {"samples_per_s": round(sps, 2), "tokens_per_s": round(tokens), "peak_gib":
+            round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            "mfu_vs_989tflops": round(sps * flops_per_sample(model, args.stage) / H100_BF16_DENSE, 3)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--mode", choices=["seed", "ours"], default="ours")
+    parser.add_argument("--stage", choices=["align", "finetune", "full"], default="align")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--packing", action="store_true")
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--e2e", action="store_true", help="include data loading (see bench/bench_train_e2e.py)")
+    parser.add_argument("--workers", type=int, default=12)
+    args = parser.parse_args()
+    if args.e2e:
+        from bench_train_e2e import run_e2e  # noqa: PLC0415 (bench-only module next to this file)
+
+        result = run_e2e(args)
+    else:
+        result = run_compute(args)
+    print(json.dumps({"bench": "train", **{k: v for k, v in vars(args).items()}, **result,
+                      "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                      "cmd": "python " + " ".join(sys.argv)}))
+
+
+if __name__ == "__main__":
+    main()
