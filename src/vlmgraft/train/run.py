@@ -116,8 +116,9 @@ def _collator(processor, config: TrainConfig):
     from vlmgraft.data.collate import VisionChatCollator
 
     s = config.data_settings
+    pixels = s.pixels if s.pixels != "auto" else ("uint8" if torch.cuda.is_available() else "processor")
     return VisionChatCollator(processor, max_length=s.max_length, loss_on=s.loss_on, overflow=s.overflow,
-                              packing=s.packing, enable_thinking=s.enable_thinking)
+                              packing=s.packing, enable_thinking=s.enable_thinking, pixels=pixels)
 
 
 def train(config: TrainConfig, force: bool = False, callbacks: tuple = (), echo=print) -> TrainResult:
@@ -159,17 +160,12 @@ def train(config: TrainConfig, force: bool = False, callbacks: tuple = (), echo=
         processor.save_pretrained(final)
         (final / CHECKPOINT_META).write_text(json.dumps({**meta, "step": trainer.state.global_step}, indent=2,
                                                         ensure_ascii=False))
+        from vlmgraft.data.report import data_report
+
+        skips = getattr(train_ds, "skips", None)
         summary = {"metrics": result.metrics, "trainable": counts, "vision_gaps": trainer.vision_gaps,
                    "data_events": dict(getattr(collator, "stats", {}) or {}),
-                   "skipped_images": _skip_report(train_ds)}
+                   "skipped": dict(skips) if skips is not None else {}}
         (out / "run_summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False, default=str))
-        if summary["data_events"]:
-            echo("data events: " + ", ".join(f"{k}={v}" for k, v in summary["data_events"].items()))
+        echo(data_report(train_ds, collator))
     return TrainResult(out, final, result.metrics, trainer.vision_gaps, counts)
-
-
-def _skip_report(dataset) -> dict:
-    stats = getattr(dataset, "skip_log", None) or getattr(dataset, "stats", None)
-    if stats is None:
-        return {}
-    return stats.as_dict() if hasattr(stats, "as_dict") else dict(stats)

@@ -66,16 +66,34 @@ class GraftTrainer(Trainer):
         self.vision_gaps: list[tuple[int, float]] = []
 
     # -- loss ---------------------------------------------------------------------------------------------------
+    def _prepare_inputs(self, inputs):
+        # uint8 tiles (the collator's fast path) are normalised on the device, not in the DataLoader workers.
+        if inputs and not isinstance(inputs.get("pixel_values", None), (torch.Tensor, type(None))):
+            dtype = torch.bfloat16 if self.args.bf16 else None
+            inputs = self.data_collator.to_device(inputs, self.args.device, dtype)
+        return super()._prepare_inputs(inputs)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not inputs:  # every sample of this batch was skipped (unreadable images): a step that changes nothing
+            loss = sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
+            return (loss, {"loss": loss}) if return_outputs else loss
         if model.training:
-            mask = inputs.get("attention_mask")
-            self._tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
-            self._samples += int(inputs["num_samples"].sum()) if "num_samples" in inputs else \
-                inputs["input_ids"].shape[0]
+            self._count(inputs)
         loss, _ = label_only_loss(model, inputs, num_items_in_batch)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # the item count was summed over processes
         return (loss, {"loss": loss}) if return_outputs else loss
+
+    def _count(self, inputs) -> None:
+        ids, mask = inputs["input_ids"], inputs.get("attention_mask")
+        self._tokens += int(mask.sum()) if mask is not None else ids.numel()
+        if "position_ids" in inputs and mask is None:  # packed rows: every restart at 0 opens a sample
+            starts = int((inputs["position_ids"] == 0).sum())
+            pad_id = getattr(getattr(self.processing_class, "tokenizer", self.processing_class), "pad_token_id", None)
+            padded_rows = int((ids[:, -1] == pad_id).sum()) if pad_id is not None else 0  # padding opens one too
+            self._samples += starts - padded_rows
+        else:
+            self._samples += ids.shape[0]
 
     # -- optimiser ----------------------------------------------------------------------------------------------
     def create_optimizer(self, model=None):
