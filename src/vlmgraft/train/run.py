@@ -95,6 +95,9 @@ def _training_arguments(config: TrainConfig, has_eval: bool) -> TrainingArgument
         remove_unused_columns=False, prediction_loss_only=True, label_names=["labels"],
         dataloader_num_workers=config.data_settings.num_workers,
         dataloader_persistent_workers=config.data_settings.num_workers > 0,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        # Without an accelerator, say so: torchrun on CPUs then runs real DDP over gloo instead of N copies.
+        use_cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
         ddp_find_unused_parameters=False, deepspeed=config.deepspeed, fsdp=config.fsdp or None,
         fsdp_config=config.fsdp_config,
     )

@@ -1,0 +1,89 @@
+"""Assemble the server from a model folder and options, and run it with uvicorn."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from vlmgraft.errors import VlmgraftError
+from vlmgraft.infer.images import DEFAULT_MAX_IMAGE_BYTES, ImagePolicy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServeOptions:
+    model: str
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    allow_remote_images: bool = False
+    allow_local_files: bool = False
+    max_batch_size: int = 32
+    max_model_len: int = 4096
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    served_model_name: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    cuda_graphs: bool = True
+    compile: bool = False
+    batch_window_ms: float = 10.0
+    sync_every: int = 8
+
+
+def sampling_defaults(model, max_tokens: int):
+    """The model's generation config decides what an unset temperature/top_p/top_k means."""
+    from vlmgraft.infer.openai_api import SamplingDefaults
+    from vlmgraft.infer.sampling import model_sampling_defaults
+
+    return SamplingDefaults(**model_sampling_defaults(model), max_tokens=max_tokens)
+
+
+def build_app(options: ServeOptions, model=None, processor=None):
+    """The FastAPI app (engine worker not yet started: uvicorn's lifespan starts and stops it)."""
+    import torch
+
+    from vlmgraft.infer.engine import Engine, EngineConfig
+    from vlmgraft.infer.model import load_for_inference
+    from vlmgraft.infer.server import ServerState, create_app
+    from vlmgraft.infer.worker import EngineWorker
+
+    if options.max_batch_size < 1 or options.max_model_len < 64:
+        raise VlmgraftError("--max-batch-size must be >= 1 and --max-model-len >= 64")
+    if model is None:
+        model, processor = load_for_inference(options.model, options.device, options.dtype)
+    config = EngineConfig(max_batch_size=options.max_batch_size, max_seq_len=options.max_model_len,
+                          cuda_graphs=options.cuda_graphs, compile=options.compile, sync_every=options.sync_every)
+    try:
+        engine = Engine(model, processor.tokenizer, config)
+    except torch.cuda.OutOfMemoryError as err:
+        raise VlmgraftError(f"the key/value cache for --max-batch-size {options.max_batch_size} x --max-model-len "
+                            f"{options.max_model_len} does not fit in device memory; lower one of them") from err
+    log.info("KV cache: %.2f GiB for %d slots x %d tokens", engine.cache.nbytes / 2**30, options.max_batch_size,
+             options.max_model_len)
+    if engine.device.type == "cuda":
+        print("warming up (capturing CUDA graphs" + (", compiling" if options.compile else "") + ") ...", flush=True)
+        engine.warmup()
+    worker = EngineWorker(engine, processor.tokenizer, batch_window_s=options.batch_window_ms / 1000)
+    name = options.served_model_name or Path(options.model).name or options.model
+    state = ServerState(model_id=name, processor=processor, worker=worker,
+                        image_policy=ImagePolicy(allow_remote=options.allow_remote_images,
+                                                 allow_local=options.allow_local_files,
+                                                 max_bytes=options.max_image_bytes),
+                        api_key=options.api_key, defaults=sampling_defaults(model, 1024),
+                        aliases=(options.model,), device=str(engine.device),
+                        max_body_bytes=16 * options.max_image_bytes * 4 // 3 + 2**20)  # 16 base64 images + text
+    return create_app(state)
+
+
+def run(options: ServeOptions) -> None:
+    import uvicorn
+
+    app = build_app(options)
+    if options.host not in ("127.0.0.1", "localhost", "::1") and not options.api_key:
+        log.warning("serving on %s without --api-key: anyone who can reach this port can use the model",
+                    options.host)
+    print(f"serving {app.state.vlmgraft.model_id!r} on http://{options.host}:{options.port}/v1 "
+          f"({app.state.vlmgraft.device})", flush=True)
+    uvicorn.run(app, host=options.host, port=options.port, log_level="warning")

@@ -1,0 +1,42 @@
+"""Run by torchrun in tests/test_train_run.py: a tiny align run that records which samples each rank collated."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import vlmgraft.train.run as run  # noqa: E402
+from vlmgraft.train.config import load_config, parse_overrides  # noqa: E402
+
+
+def main() -> None:
+    record_dir = sys.argv[1]
+    config = load_config(None, parse_overrides(sys.argv[2:]))
+    make_collator = run._collator
+
+    def recording_collator(processor, cfg):
+        collator = make_collator(processor, cfg)
+
+        def collate(samples):
+            rank = os.environ.get("RANK", "0")
+            with open(os.path.join(record_dir, f"rank{rank}.jsonl"), "a") as f:
+                f.write(json.dumps([s.origin for s in samples if s is not None]) + "\n")
+            return collator(samples)
+
+        collate.stats = collator.stats
+        collate.to_device = collator.to_device
+        return collate
+
+    run._collator = recording_collator
+    result = run.train(config, echo=lambda *_: None)
+    if int(os.environ.get("RANK", "0")) == 0:
+        losses = [e["loss"] for e in json.loads((result.output_dir / "trainer_state.json").read_text())["log_history"]
+                  if "loss" in e] if (result.output_dir / "trainer_state.json").exists() else []
+        (result.output_dir / "losses.json").write_text(json.dumps(losses))
+
+
+if __name__ == "__main__":
+    main()

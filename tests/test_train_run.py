@@ -1,0 +1,131 @@
+"""Whole training runs on tiny models: checkpoints for merge, resume with the same data order, two-process DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import TrainerCallback
+
+from vlmgraft.data.shapes import ShapesWorld
+from vlmgraft.errors import VlmgraftError
+from vlmgraft.train.config import TrainConfig
+from vlmgraft.train.run import train
+
+HELPER = Path(__file__).parent / "helpers" / "ddp_train.py"
+
+
+@pytest.fixture(scope="module")
+def vqa_data(tmp_path_factory):
+    world = ShapesWorld(image_size=64, seed=1)
+    return str(world.write(tmp_path_factory.mktemp("vqa"), "messages", 48, lang="zh", task="colour"))
+
+
+def _config(model, data, out, **overrides) -> TrainConfig:
+    config = TrainConfig(model=str(model), data=data, output_dir=str(out), stage="align", bf16=False,
+                         report_to=["none"], learning_rate=5e-3, max_steps=6, save_steps=2, logging_steps=1,
+                         per_device_train_batch_size=4, num_sample_images=0, seed=3, data_seed=3)
+    config.data_settings.num_workers = 0
+    config.data_settings.eval_size = 0
+    config.data_settings.max_length = 256
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+def _losses(state_file: Path) -> dict[int, float]:
+    history = json.loads(state_file.read_text())["log_history"]
+    return {e["step"]: e["loss"] for e in history if "loss" in e}
+
+
+class StopAfterSave(TrainerCallback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt("simulated kill")
+
+
+def test_killed_run_resumes_with_the_same_data_order_and_loss_curve(tiny_graft, vqa_data, tmp_path):
+    whole = train(_config(tiny_graft, vqa_data, tmp_path / "whole"), echo=lambda *_: None)
+    reference = _losses(whole.output_dir / "checkpoint-6" / "trainer_state.json")
+
+    out = tmp_path / "killed"
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(tiny_graft, vqa_data, out), callbacks=(StopAfterSave(4),), echo=lambda *_: None)
+    assert (out / "checkpoint-4").is_dir() and not (out / "final").exists()
+    messages = []
+    train(_config(tiny_graft, vqa_data, out), echo=messages.append)
+    assert any("resuming from" in m and "checkpoint-4" in m for m in messages)
+    resumed = _losses(out / "checkpoint-6" / "trainer_state.json")
+    assert set(resumed) == set(reference)
+    for step in (5, 6):
+        assert resumed[step] == pytest.approx(reference[step], rel=1e-5, abs=1e-6)
+    meta = json.loads((out / "checkpoint-6" / "vlmgraft_checkpoint.json").read_text())
+    assert meta["stage"] == "align" and Path(meta["base_model"]) == Path(tiny_graft).resolve()
+    assert (out / "final" / "config.json").exists() and (out / "final" / "processor_config.json").exists()
+
+
+def test_finished_run_and_foreign_folder_are_not_overwritten(tiny_graft, vqa_data, tmp_path):
+    out = tmp_path / "run"
+    train(_config(tiny_graft, vqa_data, out, max_steps=1), echo=lambda *_: None)
+    with pytest.raises(VlmgraftError, match="finished run"):
+        train(_config(tiny_graft, vqa_data, out, max_steps=1), echo=lambda *_: None)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(VlmgraftError, match="--force"):
+        train(_config(tiny_graft, vqa_data, foreign, max_steps=1), echo=lambda *_: None)
+    assert (foreign / "notes.txt").read_text() == "mine"
+
+
+def test_finetune_checkpoint_is_a_peft_adapter_that_merge_folds(tiny_graft, vqa_data, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    from vlmgraft.export.merge import MergeOptions, merge
+
+    config = _config(tiny_graft, vqa_data, tmp_path / "ft", stage="finetune", vision_trainable_layers=1,
+                     max_steps=2)
+    config.lora.r = 4
+    result = train(config, echo=lambda *_: None)
+    assert (result.final_dir / "adapter_config.json").exists()
+    merged = tmp_path / "merged"
+    merge(MergeOptions(source=str(result.output_dir), out=str(merged), dtype="float32"), log=lambda *_: None)
+    model = AutoModelForImageTextToText.from_pretrained(merged)
+    assert not any("lora" in name for name, _ in model.named_parameters())
+
+
+def test_two_cpu_processes_see_different_data_and_match_one_process(tiny_graft, vqa_data, tmp_path):
+    common = ["--model", str(tiny_graft), "--data", vqa_data, "--stage", "align", "--bf16", "false",
+              "--report-to", "none", "--learning-rate", "5e-3", "--max-steps", "3", "--save-steps", "3",
+              "--logging-steps", "1", "--per-device-train-batch-size", "2", "--num-sample-images", "0",
+              "--data-settings.num-workers", "0", "--data-settings.eval-size", "0", "--data-settings.packing", "false",
+              "--data-settings.max-length", "256", "--seed", "3", "--data-seed", "3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    two = tmp_path / "two"
+    two.mkdir()
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+                    str(HELPER), str(two), *common, "--output-dir", str(two / "run")],
+                   check=True, env=env, timeout=600)
+    one = tmp_path / "one"
+    one.mkdir()
+    subprocess.run([sys.executable, str(HELPER), str(one), *common, "--output-dir", str(one / "run"),
+                    "--gradient-accumulation-steps", "2"], check=True, env=env, timeout=600)
+
+    rank0 = [json.loads(line) for line in (two / "rank0.jsonl").read_text().splitlines()]
+    rank1 = [json.loads(line) for line in (two / "rank1.jsonl").read_text().splitlines()]
+    # The loaders may collate one batch ahead of the last step; the steps taken are the first three.
+    assert len(rank0) >= 3 and len(rank1) >= 3
+    rank0, rank1 = rank0[:3], rank1[:3]
+    assert not set(sum(rank0, [])) & set(sum(rank1, []))  # the ranks never share a sample
+    single = [json.loads(line) for line in (one / "rank0.jsonl").read_text().splitlines()]
+    assert [sorted(a + b) for a, b in zip(rank0, rank1, strict=True)] == \
+        [sorted(single[2 * i] + single[2 * i + 1]) for i in range(3)]  # same global batches
+    two_losses = json.loads((two / "run" / "losses.json").read_text())
+    one_losses = json.loads((one / "run" / "losses.json").read_text())
+    assert two_losses == pytest.approx(one_losses, rel=1e-4)
