@@ -16,8 +16,11 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from transformers import Qwen3Config, SmolVLMConfig, SmolVLMForConditionalGeneration
 
 from vlmgraft.fixtures.models import real_size_qwen3_config, real_size_vision_config
@@ -31,10 +34,10 @@ TILES, TOKENS_PER_TILE, TEXT_TOKENS, ANSWER_TOKENS = 17, 64, 300, 60
 H100_BF16_DENSE = 989e12
 
 
-def build_model(attn: str) -> SmolVLMForConditionalGeneration:
+def build_model(attn: str, image_token_id: int = IMAGE_TOKEN) -> SmolVLMForConditionalGeneration:
     text: Qwen3Config = real_size_qwen3_config()
     config = SmolVLMConfig(vision_config=real_size_vision_config(), text_config=text.to_dict(), scale_factor=4,
-                           image_token_id=IMAGE_TOKEN, tie_word_embeddings=True)
+                           image_token_id=image_token_id, tie_word_embeddings=True)
     config._attn_implementation = attn
     config.text_config._attn_implementation = attn
     config.vision_config._attn_implementation = attn
@@ -83,8 +86,10 @@ def synthetic_batch(batch: int, packing: bool, pad_to: int | None, rng: torch.Ge
 def flops_per_sample(model, stage: str) -> float:
     """Dense matmul FLOPs: forward 2·N·tokens per frozen part; backward adds 2·N·T for input gradients and 2·N·T for
     weight gradients where weights train. Attention score FLOPs are included for the vision tower (1024 patches)."""
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model
     vision_n = sum(p.numel() for p in model.model.vision_model.parameters())
-    text_n = sum(p.numel() for n, p in model.model.text_model.named_parameters() if "embed_tokens" not in n)
+    text_n = sum(p.numel() for n, p in model.model.text_model.named_parameters()
+                 if "embed_tokens" not in n and "lora_" not in n)
     patches = TILES * 1024
     vision_attn = 4 * 1024 * 1024 * 768 * 12 * TILES
     tokens = TILES * TOKENS_PER_TILE + TEXT_TOKENS
@@ -95,6 +100,18 @@ def flops_per_sample(model, stage: str) -> float:
     return float(vision + text)
 
 
+def compile_parts(model, args) -> None:
+    """--compile: the text model (and, with --compile-vision, the vision tower); --checkpointing: recompute LLM
+    activations in backward instead of storing them."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if args.checkpointing:
+        base.model.text_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.compile:
+        base.model.text_model = torch.compile(base.model.text_model, dynamic=True)
+    if args.compile_vision:
+        base.model.vision_model = torch.compile(base.model.vision_model, dynamic=True)
+
+
 def run_compute(args) -> dict:
     torch.manual_seed(0)
     rng = torch.Generator().manual_seed(0)
@@ -103,8 +120,7 @@ def run_compute(args) -> dict:
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
-    if args.compile:
-        model.model.text_model = torch.compile(model.model.text_model, dynamic=True)
+    compile_parts(model, args)
     batch_size = 1 if args.mode == "seed" else args.batch
     batches = [synthetic_batch(batch_size, args.packing, 2048 if args.mode == "seed" else None, rng)
                for _ in range(3)]
@@ -143,13 +159,16 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--packing", action="store_true")
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--compile-vision", action="store_true")
+    parser.add_argument("--checkpointing", action="store_true")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--e2e", action="store_true", help="include data loading (see bench/bench_train_e2e.py)")
     parser.add_argument("--workers", type=int, default=12)
+    parser.add_argument("--max-length", type=int, default=2048)
     args = parser.parse_args()
     if args.e2e:
-        from bench_train_e2e import run_e2e  # noqa: PLC0415 (bench-only module next to this file)
+        from bench_train_e2e import run_e2e  # bench-only module next to this file
 
         result = run_e2e(args)
     else:

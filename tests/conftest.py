@@ -34,3 +34,22 @@ def tiny_graft(tiny_dir):
     out = tiny_dir / "graft-qwen3"
     build(BuildOptions(vision=str(tiny_dir / "donor"), llm=str(tiny_dir / "qwen3"), out=out), log=lambda *_: None)
     return out
+
+
+def scramble(model, seed: int = 0) -> None:
+    """Larger random weights than a fresh init, so that greedy answers depend on the prompt and differ per step."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() >= 2:
+                param.copy_(torch.randn(param.shape, generator=generator) * (2.0 / param.shape[-1] ** 0.5))
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_graft):
+    """The tiny graft in fp32 on the CPU, scrambled so that generation tests can tell prompts apart."""
+    from vlmgraft.infer.model import load_for_inference
+
+    model, processor = load_for_inference(tiny_graft, device="cpu", dtype="float32")
+    scramble(model)
+    return model, processor

@@ -7,7 +7,6 @@ import torch
 from PIL import Image
 
 from vlmgraft.infer.engine import Engine, EngineConfig
-from vlmgraft.infer.model import load_for_inference
 from vlmgraft.infer.prompts import prepare
 from vlmgraft.infer.sampling import SamplingParams, sample_tokens, uniform_from
 
@@ -21,20 +20,6 @@ CASES = [  # different lengths, 0/1/2 images
 ]
 
 
-def scramble(model, seed: int = 0) -> None:
-    """Larger random weights than a fresh init, so that greedy answers depend on the prompt and differ per step."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() >= 2:
-                param.copy_(torch.randn(param.shape, generator=generator) * (2.0 / param.shape[-1] ** 0.5))
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_graft):
-    model, processor = load_for_inference(tiny_graft, device="cpu", dtype="float32")
-    scramble(model)
-    return model, processor
 
 
 def _prepared(processor):

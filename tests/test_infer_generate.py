@@ -27,20 +27,6 @@ CONVERSATIONS = [
 IMAGES = [[RED], [], [RED, BLUE]]
 
 
-def scramble(model, seed: int = 0) -> None:
-    """Larger random weights than a fresh init, so that greedy answers depend on the prompt."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() >= 2:
-                param.copy_(torch.randn(param.shape, generator=generator) * (2.0 / param.shape[-1] ** 0.5))
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_graft):
-    model, processor = load_for_inference(tiny_graft, device="cpu", dtype="float32")
-    scramble(model)
-    return model, processor
 
 
 def test_auto_device_and_dtype_and_clear_errors(tiny_graft, tmp_path):

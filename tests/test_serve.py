@@ -12,7 +12,7 @@ import time
 
 import httpx
 import pytest
-import torch
+from conftest import scramble
 from PIL import Image
 
 from vlmgraft.infer.generate import generate
@@ -22,14 +22,6 @@ from vlmgraft.infer.serve import ServeOptions, build_app
 KEY = "test-key"
 MAX_IMAGE_BYTES = 100_000
 
-
-def scramble(model, seed: int = 0) -> None:
-    """Larger random weights than a fresh init, so that greedy answers depend on the prompt."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() >= 2:
-                param.copy_(torch.randn(param.shape, generator=generator) * (2.0 / param.shape[-1] ** 0.5))
 
 
 def data_url(image: Image.Image) -> str:

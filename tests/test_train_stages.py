@@ -150,3 +150,12 @@ def test_qlora_on_cpu_is_a_clear_error(tiny_graft):
         pytest.skip("this machine has CUDA; the error is for CPU-only machines")
     with pytest.raises(VlmgraftError, match="CUDA"):
         _load_model(TrainConfig(model=str(tiny_graft), data="d", quantize_4bit=True))
+
+
+def test_shipped_example_configs_load():
+    from pathlib import Path
+
+    examples = sorted((Path(__file__).parents[1] / "examples" / "qwen3-smvl").glob("*.yaml"))
+    assert len(examples) == 3
+    stages = {load_config(path).stage for path in examples}
+    assert stages == {"align", "finetune"}

@@ -73,7 +73,7 @@ class TrainConfig:
     warmup_ratio: float = 0.1
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
-    per_device_train_batch_size: int = 8
+    per_device_train_batch_size: int = 4  # 11.5 GiB peak for align at real size (bench/RESULTS.md)
     per_device_eval_batch_size: int = 8
     gradient_accumulation_steps: int = 1
     num_train_epochs: float = 1.0

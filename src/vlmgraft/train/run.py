@@ -64,10 +64,12 @@ def _load_model(config: TrainConfig):
         if not torch.cuda.is_available():
             raise VlmgraftError("quantize_4bit (QLoRA) needs a CUDA GPU: bitsandbytes 4-bit weights do not run on "
                                 "the CPU. Set quantize_4bit: false, or train on a GPU machine.")
-        try:
-            from transformers import BitsAndBytesConfig
-        except ImportError as err:
-            raise VlmgraftError("quantize_4bit needs bitsandbytes: pip install bitsandbytes") from err
+        import importlib.util
+
+        from transformers import BitsAndBytesConfig
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise VlmgraftError("quantize_4bit needs bitsandbytes: pip install 'vlmgraft[qlora]'")
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True,
             llm_int8_skip_modules=["vision_model", "connector", "lm_head"])

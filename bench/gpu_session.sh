@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The GPU benchmark session as run on the lent H100 (see bench/RESULTS.md). Usage: bash bench/gpu_session.sh PART
+# PART: build-train | data-e2e | serve. Carried wheels in .whl/ are installed to /tmp/site first.
+set -u
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false TRANSFORMERS_VERBOSITY=error
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:$PWD/src:$PWD/bench
+else
+  export PYTHONPATH=$PWD/src:$PWD/bench
+fi
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+log() { echo "$@" | tee -a "$OUT/results.jsonl"; }
+run() { echo "+ $*" >&2; timeout "${LIMIT:-400}" "$@" 2>>"$OUT/stderr.log" | grep '^{' | tee -a "$OUT/results.jsonl" || echo "{\"failed\": \"$*\"}" | tee -a "$OUT/results.jsonl"; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/env.txt"
+python3 -c "import torch, transformers, sys; print(sys.version.split()[0], torch.__version__, transformers.__version__)" | tee -a "$OUT/env.txt"
+case "${1:-}" in
+  build-train)
+    LIMIT=240 run python3 bench/bench_build.py --root /tmp/vg-real
+    run python3 bench/bench_train.py --mode seed --steps 6
+    run python3 bench/bench_train.py --mode ours --batch 8
+    run python3 bench/bench_train.py --mode ours --batch 16
+    run python3 bench/bench_train.py --mode ours --batch 8 --packing
+    run python3 bench/bench_train.py --mode ours --batch 16 --compile
+    run python3 bench/bench_train.py --mode ours --batch 8 --stage finetune
+    ;;
+  data-e2e)
+    LIMIT=170 run python3 bench/bench_data.py --workers 16 --seconds 25 --modes processor,uint8
+    run python3 bench/bench_train.py --e2e --mode ours --batch 16 --workers 15 --steps 20 --compile --compile-vision
+    run python3 bench/bench_train.py --mode ours --batch 8 --compile --compile-vision
+    run python3 bench/bench_train.py --mode ours --batch 8 --compile --checkpointing
+    run python3 bench/bench_train.py --mode ours --batch 8 --stage finetune --compile
+    run python3 bench/bench_train.py --e2e --mode ours --batch 8 --workers 15 --steps 15 --stage finetune --compile
+    ;;
+  memory-finetune)
+    LIMIT=100 run python3 bench/bench_train.py --mode ours --batch 4 --steps 6
+    LIMIT=110 run python3 bench/bench_train.py --mode ours --batch 8 --stage finetune --steps 6
+    ;;
+  serve)
+    LIMIT=560 run python3 bench/bench_serve.py
+    ;;
+esac
