@@ -164,7 +164,13 @@ def save_answer_grid(eval_dir: Path, samples, path: Path, n: int = 8) -> None:
     from PIL import Image, ImageDraw
 
     lines = (eval_dir / "predictions.jsonl").read_text(encoding="utf-8").splitlines()
-    records = [r for r in map(json.loads, lines) if r["task"] == "vqa"][:n]
+    vqa = [(r, sample) for r, sample in zip((r for r in map(json.loads, lines) if r["task"] == "vqa"), samples,
+                                             strict=False)]
+    by_reference: dict[str, list] = {}
+    for pair in vqa:  # a strip with every colour in it, two of each, in test order
+        by_reference.setdefault(pair[0]["reference"], []).append(pair)
+    chosen = [pairs[i] for i in range(2) for pairs in by_reference.values() if i < len(pairs)][:n]
+    records, samples = [r for r, _ in chosen], [s for _, s in chosen]
     tile = 128
     canvas = Image.new("RGB", (tile * len(records), tile + 44), "white")
     draw = ImageDraw.Draw(canvas)
@@ -209,6 +215,7 @@ def run_demo(out: str | Path = "vlmgraft-demo", quick: bool = False, force: bool
     state = json.loads(state_path.read_text()) if state_path.exists() else {}
     size = QUICK if quick else FULL
     start = time.perf_counter()
+    earlier = sum(state.get("seconds", {}).values())  # steps done by an interrupted earlier invocation
 
     def done(key, value):
         state[key] = value
@@ -246,7 +253,7 @@ def run_demo(out: str | Path = "vlmgraft-demo", quick: bool = False, force: bool
     detect_result = step_detect(model_dir, test[0], out)
     results = {"accuracy_before": before, "accuracy_after": after["vqa"]["accuracy"],
                "accuracy_ablated": after["ablation"]["accuracy_noise"], "chance": 0.25,
-               "seconds": round(sum(state.get("seconds", {}).values()) + time.perf_counter() - start, 1),
+               "seconds": round(earlier + time.perf_counter() - start, 1),
                "step_seconds": state.get("seconds", {}), "quick": quick, "size": asdict(size),
                "model": str(model_dir), "answers_png": str(out / "answers.png"), "detect": detect_result}
     (out / "demo_results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False, default=str))
@@ -254,7 +261,7 @@ def run_demo(out: str | Path = "vlmgraft-demo", quick: bool = False, force: bool
           f"{'before alignment':<28}{before:>30.1%}\n{'after alignment':<28}{results['accuracy_after']:>30.1%}\n"
           f"{'after, images → noise':<28}{results['accuracy_ablated']:>30.1%}\n{'chance':<28}{0.25:>30.1%}\n"
           f"\nmodel: {model_dir}   (try: vlmgraft chat {model_dir} --image {out / 'detect_input.png'} "
-          f"--prompt 图中形状是什么颜色？)\npicture: {out / 'answers.png'}   took {results['seconds']} s")
+          f"--prompt 图中形状是什么颜色？ --no-think)\npicture: {out / 'answers.png'}   took {results['seconds']} s")
     return results
 
 
