@@ -134,3 +134,17 @@ def test_two_cpu_processes_see_different_data_and_match_one_process(tiny_graft, 
     two_losses = json.loads((two / "run" / "losses.json").read_text())
     one_losses = json.loads((one / "run" / "losses.json").read_text())
     assert two_losses == pytest.approx(one_losses, rel=1e-4)
+
+
+def test_evaluation_runs_the_vision_probe_and_answers_fixed_images(tiny_graft, vqa_data, tmp_path):
+    config = _config(tiny_graft, vqa_data, tmp_path / "probe", max_steps=2, eval_steps=2, save_steps=2,
+                     num_sample_images=2)
+    config.data_settings.eval_size = 4
+    result = train(config, echo=lambda *_: None)
+    assert [step for step, _ in result.vision_gaps] == [2]
+    lines = (result.output_dir / "samples.jsonl").read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 2
+    record = json.loads(lines[0])
+    assert record["step"] == 2 and record["reference"] in {"红色", "绿色", "蓝色", "黄色"} and record["question"]
+    summary = json.loads((result.output_dir / "run_summary.json").read_text())
+    assert summary["vision_gaps"] and summary["trainable"]["connector"]["trainable"] > 0

@@ -28,54 +28,37 @@ class CheckpointMetadata(TrainerCallback):
                                                              ensure_ascii=False))
 
 
-def prompt_of(sample: Sample) -> tuple[list[dict], str]:
-    """The conversation up to (not including) the last assistant turn, and that turn's text."""
-    messages = list(sample.messages)
-    reference = ""
-    if messages and messages[-1]["role"] == "assistant":
-        content = messages.pop()["content"]
-        reference = content if isinstance(content, str) else "".join(p.get("text", "") for p in content)
-    return messages, reference
-
-
 @torch.no_grad()
-def answer_samples(model, processor, samples: list[Sample], max_new_tokens: int = 32,
-                   enable_thinking: bool = False) -> list[dict]:
-    """Greedy answers, one sample at a time (a handful of samples: clarity beats batching here)."""
+def answer_samples(model, processor, samples: list[Sample], max_new_tokens: int = 32) -> list[dict]:
+    """Greedy answers through the evaluator's own batched generation, with question and reference."""
+    from vlmgraft.eval.generation import answer_samples as generate
+    from vlmgraft.eval.generation import split_sample
+    from vlmgraft.eval.tasks import question_of
+
     was_training = model.training
     model.eval()
-    results = []
-    for sample in samples:
-        messages, reference = prompt_of(sample)
-        text = processor.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=enable_thinking)
-        batch = processor(text=[text], images=[sample.images] if sample.images else None, return_tensors="pt")
-        batch = {k: v.to(model.device) for k, v in batch.items()}
-        if "pixel_values" in batch:
-            batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
-        answer = processor.tokenizer.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-        question = next((p.get("text", "") for m in messages if m["role"] == "user" and isinstance(m["content"], list)
-                         for p in m["content"] if p.get("type") == "text"), "")
-        results.append({"question": question, "answer": answer.strip(), "reference": reference})
-    model.train(was_training)
-    return results
+    try:
+        answers = generate(model, processor, samples, max_new_tokens=max_new_tokens, desc="sample answers")
+    finally:
+        model.train(was_training)
+    return [{"question": question_of(s), "answer": a, "reference": split_sample(s)[1]}
+            for s, a in zip(samples, answers, strict=True)]
 
 
 class SampleAnswers(TrainerCallback):
     """Every k steps (or at each evaluation), answer a few fixed eval images; log to samples.jsonl and TensorBoard."""
 
-    def __init__(self, processor, samples: list[Sample], every: int, out_dir: Path, enable_thinking: bool = False):
+    def __init__(self, processor, samples: list[Sample], every: int, out_dir: Path):
         self.processor = processor
         self.samples = samples
         self.every = every
         self.out_dir = Path(out_dir)
-        self.enable_thinking = enable_thinking
         self._writer = None
 
     def _run(self, args, state, model):
         if not self.samples or not state.is_world_process_zero:
             return
-        results = answer_samples(model, self.processor, self.samples, enable_thinking=self.enable_thinking)
+        results = answer_samples(model, self.processor, self.samples)
         with open(self.out_dir / "samples.jsonl", "a", encoding="utf-8") as f:
             for i, r in enumerate(results):
                 f.write(json.dumps({"step": state.global_step, "index": i, **r}, ensure_ascii=False) + "\n")

@@ -153,7 +153,7 @@ def train(config: TrainConfig, force: bool = False, callbacks: tuple = (), echo=
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds if args.eval_strategy != "no" else None,
         data_collator=collator, processing_class=processor, family=family, graft_config=config,
         callbacks=[CheckpointMetadata(meta),
-                   SampleAnswers(processor, sample_set, config.sample_every, out, config.data_settings.enable_thinking),
+                   SampleAnswers(processor, sample_set, config.sample_every, out),
                    *callbacks])
     if resume_from:
         echo(f"resuming from {resume_from}")
