@@ -227,6 +227,8 @@ def test_spec_detection_forcing_and_errors(tmp_path):
         load_samples(str(tmp_path / "missing.jsonl"))
     with pytest.raises(VlmgraftError, match="do not apply to the swift format"):
         open_mixture({"path": str(WORLD.write(tmp_path / "s", "swift", 2)), "lang": "zh"})
+    with pytest.raises(VlmgraftError, match="holds shapes.jsonl: pass that file"):  # the folder `data shapes` wrote
+        load_samples(str(tmp_path / "s"))
 
 
 def _mixture(tmp_path) -> str:

@@ -281,5 +281,7 @@ def _subset_groups(folder: Path) -> dict[str, list[Path] | Path]:
     if not groups and (folder / "train").is_dir() and _is_arrow_folder(folder / "train"):
         groups[folder.name] = folder / "train"  # a DatasetDict saved with save_to_disk
     if not groups:
-        raise VlmgraftError(f"no parquet or arrow data found in {folder}")
+        others = sorted(p.name for p in folder.iterdir() if p.suffix in (".jsonl", ".json"))[:3]
+        hint = f"; it holds {', '.join(others)}: pass that file as the SPEC" if others else ""
+        raise VlmgraftError(f"no parquet or arrow data found in {folder}{hint}")
     return groups
