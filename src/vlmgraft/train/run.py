@@ -148,7 +148,8 @@ def train(config: TrainConfig, force: bool = False, callbacks: tuple = (), echo=
     base_model = config.model
     meta = {"base_model": str(Path(base_model).resolve()) if hub.is_local(base_model) else base_model,
             "stage": plan.stage, "lora": plan.lora, "config": to_dict(config)}
-    sample_set = [eval_ds[i] for i in range(min(config.num_sample_images, len(eval_ds)))] if eval_ds else []
+    fixed = [eval_ds[i] for i in range(min(config.num_sample_images, len(eval_ds)))] if eval_ds else []
+    sample_set = [s for s in fixed if s is not None]  # a row whose image was unreadable is skipped
     trainer = GraftTrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds if args.eval_strategy != "no" else None,
         data_collator=collator, processing_class=processor, family=family, graft_config=config,

@@ -30,7 +30,6 @@ def label_only_loss(model, inputs: dict, num_items_in_batch=None) -> tuple[torch
     """Summed next-token cross-entropy over labelled positions / the item count; returns (loss, labelled tokens)."""
     inputs = dict(inputs)
     labels = inputs.pop("labels")
-    inputs.pop("num_samples", None)
     targets_all = labels[:, 1:]
     keep = (targets_all != IGNORE).any(0).nonzero().squeeze(1)
     if keep.numel() == 0:  # nothing to learn in this batch: a zero loss that still touches the graph
