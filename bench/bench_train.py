@@ -2,7 +2,7 @@
 
     python bench/bench_train.py --mode seed           # the seeds' recipe: eager, batch 1, padded to 2048, full logits
     python bench/bench_train.py --mode ours --batch 8 # sdpa, dynamic padding, label-only logits (GraftTrainer's loss)
-    python bench/bench_train.py --mode ours --batch 8 --packing
+    python bench/bench_train.py --mode ours --batch 16 --packing --attn flex --compile-regions  # the product's fast path
     python bench/bench_train.py --mode ours --batch 8 --stage finetune   # needs peft
     python bench/bench_train.py --mode ours --batch 8 --e2e --workers 12 # with data loading (JPEG decode + processor)
 
@@ -26,6 +26,7 @@ from transformers import Qwen3Config, SmolVLMConfig, SmolVLMForConditionalGenera
 from vlmgraft.fixtures.models import real_size_qwen3_config, real_size_vision_config
 from vlmgraft.graft.families import SMOLVLM
 from vlmgraft.train.config import TrainConfig
+from vlmgraft.train.speed import compile_regions, patchify_with_matmul
 from vlmgraft.train.stages import prepare_model
 from vlmgraft.train.trainer import label_only_loss
 
@@ -35,12 +36,14 @@ H100_BF16_DENSE = 989e12
 
 
 def build_model(attn: str, image_token_id: int = IMAGE_TOKEN) -> SmolVLMForConditionalGeneration:
+    """attn: eager | sdpa | flex (flex attention in the LLM, SDPA in the vision tower, as `attn_implementation:
+    auto` picks for packed batches on CUDA)."""
     text: Qwen3Config = real_size_qwen3_config()
     config = SmolVLMConfig(vision_config=real_size_vision_config(), text_config=text.to_dict(), scale_factor=4,
                            image_token_id=image_token_id, tie_word_embeddings=True)
-    config._attn_implementation = attn
-    config.text_config._attn_implementation = attn
-    config.vision_config._attn_implementation = attn
+    config._attn_implementation = "sdpa" if attn == "flex" else attn
+    config.text_config._attn_implementation = "flex_attention" if attn == "flex" else attn
+    config.vision_config._attn_implementation = "sdpa" if attn == "flex" else attn
     with torch.device("cuda"):
         model = SmolVLMForConditionalGeneration(config).to(torch.bfloat16)
     return model
@@ -61,15 +64,32 @@ def sample_ids(rng: torch.Generator, pad_to: int | None) -> tuple[torch.Tensor, 
     return ids, labels
 
 
-def synthetic_batch(batch: int, packing: bool, pad_to: int | None, rng: torch.Generator) -> dict:
+def synthetic_batch(batch: int, packing: bool, pad_to: int | None, rng: torch.Generator,
+                    max_length: int = 2048) -> dict:
     samples = [sample_ids(rng, pad_to) for _ in range(batch)]
     pixels = torch.randn(batch, TILES, 3, 512, 512, generator=rng).clamp(-1, 1).to(torch.bfloat16)
-    if packing:
-        ids = torch.cat([s[0] for s in samples])[None]
-        labels = torch.cat([s[1] for s in samples])[None]
-        position_ids = torch.cat([torch.arange(s[0].numel()) for s in samples])[None]
-        out = {"input_ids": ids, "labels": labels, "position_ids": position_ids,
-               "pixel_values": pixels.reshape(1, batch * TILES, 3, 512, 512)}
+    if packing:  # rows of at most max_length tokens, like VisionChatCollator(packing=True)
+        rows: list[list[int]] = []
+        for i in range(batch):
+            if rows and sum(samples[j][0].numel() for j in rows[-1]) + samples[i][0].numel() <= max_length:
+                rows[-1].append(i)
+            else:
+                rows.append([i])
+        width = max(sum(samples[j][0].numel() for j in row) for row in rows)
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        labels = torch.full((len(rows), width), -100)
+        position_ids = torch.zeros(len(rows), width, dtype=torch.long)
+        for r, row in enumerate(rows):
+            row_ids = torch.cat([samples[j][0] for j in row])
+            ids[r, : row_ids.numel()] = row_ids
+            labels[r, : row_ids.numel()] = torch.cat([samples[j][1] for j in row])
+            position_ids[r] = torch.cat([torch.arange(samples[j][0].numel()) for j in row]
+                                        + [torch.arange(width - row_ids.numel())])
+        per_row = max(len(row) for row in rows) * TILES
+        tiles = torch.zeros(len(rows), per_row, 3, 512, 512, dtype=torch.bfloat16)
+        for r, row in enumerate(rows):
+            tiles[r, : len(row) * TILES] = pixels[row].reshape(-1, 3, 512, 512)
+        out = {"input_ids": ids, "labels": labels, "position_ids": position_ids, "pixel_values": tiles}
     else:
         length = max(s[0].numel() for s in samples)
         ids = torch.zeros(batch, length, dtype=torch.long)
@@ -101,11 +121,16 @@ def flops_per_sample(model, stage: str) -> float:
 
 
 def compile_parts(model, args) -> None:
-    """--compile: the text model (and, with --compile-vision, the vision tower); --checkpointing: recompute LLM
-    activations in backward instead of storing them."""
+    """--compile: the text model as one graph (and, with --compile-vision, the vision tower); --compile-regions:
+    every decoder/encoder layer on its own, as `vlmgraft train` does with `compile: true`; --checkpointing: recompute
+    LLM activations in backward instead of storing them."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if args.checkpointing:
         base.model.text_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.patchify:
+        patchify_with_matmul(model, SMOLVLM)
+    if args.compile_regions:
+        compile_regions(model, SMOLVLM)
     if args.compile:
         base.model.text_model = torch.compile(base.model.text_model, dynamic=True)
     if args.compile_vision:
@@ -115,15 +140,15 @@ def compile_parts(model, args) -> None:
 def run_compute(args) -> dict:
     torch.manual_seed(0)
     rng = torch.Generator().manual_seed(0)
-    model = build_model("eager" if args.mode == "seed" else "sdpa")
+    model = build_model("eager" if args.mode == "seed" else args.attn)
     model, _ = prepare_model(model, SMOLVLM, TrainConfig(model="m", data="d", stage=args.stage))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
     compile_parts(model, args)
     batch_size = 1 if args.mode == "seed" else args.batch
-    batches = [synthetic_batch(batch_size, args.packing, 2048 if args.mode == "seed" else None, rng)
-               for _ in range(3)]
+    batches = [synthetic_batch(batch_size, args.packing, 2048 if args.mode == "seed" else None, rng,
+                               args.max_length) for _ in range(3)]
     torch.cuda.reset_peak_memory_stats()
 
     def step(batch):
@@ -131,7 +156,7 @@ def run_compute(args) -> dict:
             if args.mode == "seed":
                 loss = model(**batch).loss  # logits over the whole vocabulary at every position
             else:
-                loss, _ = label_only_loss(model, batch)
+                loss, _ = label_only_loss(model, batch, padding_mask=args.padding_mask)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -145,11 +170,51 @@ def run_compute(args) -> dict:
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     samples = args.steps * batch_size
+    split = split_times(model, batches[0], step)
+    if args.profile:
+        profile_step(lambda: step(batches[0]), args.profile)
     sps = samples / seconds
     tokens = sum(int(b["input_ids"].numel()) for b in batches) / 3 * args.steps / seconds
     return {"samples_per_s": round(sps, 2), "tokens_per_s": round(tokens), "peak_gib":
             round(torch.cuda.max_memory_allocated() / 2**30, 2),
-            "mfu_vs_989tflops": round(sps * flops_per_sample(model, args.stage) / H100_BF16_DENSE, 3)}
+            "mfu_vs_989tflops": round(sps * flops_per_sample(model, args.stage) / H100_BF16_DENSE, 3),
+            "rows": int(batches[0]["input_ids"].shape[0]), "row_tokens": int(batches[0]["input_ids"].shape[1]),
+            **split}
+
+
+def profile_step(step, path: str) -> None:
+    """--profile FILE: the CUDA kernels of two steps, grouped by name, heaviest first (what to optimise next)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):
+            step()
+        torch.cuda.synchronize()
+    Path(path).write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=45, max_name_column_width=90))
+
+
+def split_times(model, batch: dict, step) -> dict:
+    """Where a step's time goes: the vision tower + connector forward alone vs. the whole step (median of 3)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+
+    def timed(fn) -> float:
+        times = []
+        for _ in range(3):
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(begin.elapsed_time(end))
+        return sorted(times)[1]
+
+    def vision() -> None:
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            base.model.get_image_features(batch["pixel_values"], batch.get("pixel_attention_mask"))
+
+    vision_ms, step_ms = timed(vision), timed(lambda: step(batch))
+    return {"split_ms": {"vision_forward": round(vision_ms, 1), "step": round(step_ms, 1),
+                         "rest_of_step": round(step_ms - vision_ms, 1)}}
 
 
 def main() -> None:
@@ -160,6 +225,12 @@ def main() -> None:
     parser.add_argument("--packing", action="store_true")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--compile-vision", action="store_true")
+    parser.add_argument("--compile-regions", action="store_true", help="compile each layer (vlmgraft's compile: true)")
+    parser.add_argument("--attn", choices=["sdpa", "flex"], default="sdpa")
+    parser.add_argument("--patchify", action="store_true", help="patch embedding as a matmul (vlmgraft on CUDA)")
+    parser.add_argument("--profile", default="", help="write a kernel table of two steps to this file")
+    parser.add_argument("--padding-mask", action="store_true",
+                        help="keep the right-padding attention mask (vlmgraft drops it: SDPA then runs flash)")
     parser.add_argument("--checkpointing", action="store_true")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)

@@ -29,7 +29,7 @@ def run_e2e(args) -> dict:
         folder = Path(tmp)
         data, fmt = write_data(folder, 128, 2048, 1600)
         processor = real_size_processor(folder)
-        model = build_model("sdpa", image_token_id=processor.image_token_id)
+        model = build_model(args.attn, image_token_id=processor.image_token_id)
         config = TrainConfig(model="m", data="d", stage=args.stage)
         config.lora.r = 16
         model, _ = prepare_model(model, SMOLVLM, config)
@@ -46,7 +46,7 @@ def run_e2e(args) -> dict:
         for batch in loader:
             batch = collator.to_device(batch, "cuda", torch.bfloat16)
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss, _ = label_only_loss(model, batch)
+                loss, _ = label_only_loss(model, batch, padding_mask=args.padding_mask)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU benchmark session as run on the lent H100 (see bench/RESULTS.md). Usage: bash bench/gpu_session.sh PART
-# PART: build-train | data-e2e | serve. Carried wheels in .whl/ are installed to /tmp/site first.
+# PART: build-train | data-e2e | memory-finetune | serve | speed-train. Carried wheels in .whl/ are installed to /tmp/site first.
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false TRANSFORMERS_VERBOSITY=error
 if [ -d .whl ]; then
@@ -36,6 +36,31 @@ case "${1:-}" in
   memory-finetune)
     LIMIT=100 run python3 bench/bench_train.py --mode ours --batch 4 --steps 6
     LIMIT=110 run python3 bench/bench_train.py --mode ours --batch 8 --stage finetune --steps 6
+    ;;
+  speed-train)
+    python3 -c "import importlib.util as u; print({m: bool(u.find_spec(m)) for m in ('accelerate', 'pyarrow', 'datasets', 'peft')})" | tee -a "$OUT/env.txt"
+    LIMIT=80 run python3 bench/bench_train.py --mode ours --batch 16 --steps 6
+    LIMIT=130 run python3 bench/bench_train.py --mode ours --batch 16 --steps 6 --compile-regions
+    LIMIT=130 run python3 bench/bench_train.py --mode ours --batch 16 --steps 6 --packing --attn flex --compile-regions
+    LIMIT=130 run python3 bench/bench_train.py --mode ours --batch 16 --steps 6 --packing --max-length 32768 --attn flex --compile-regions
+    ;;
+  speed-train-2)
+    LIMIT=110 run python3 bench/bench_train.py --mode ours --batch 16 --steps 6 --compile-regions --profile "$OUT/profile_align_b16.txt"
+    LIMIT=130 run python3 bench/bench_train.py --mode ours --batch 8 --steps 6 --stage finetune --compile-regions
+    LIMIT=90 run python3 bench/bench_train.py --mode ours --batch 4 --steps 6 --compile-regions
+    LIMIT=170 run python3 bench/bench_train.py --e2e --mode ours --batch 16 --workers 15 --steps 20 --compile-regions
+    ;;
+  speed-train-3)
+    LIMIT=110 run python3 bench/bench_train.py --mode ours --batch 16 --steps 6 --compile-regions --patchify
+    LIMIT=200 run python3 bench/bench_train_run.py --root /tmp/vg-real --batch 16 --workers 12 --steps 40 --compile
+    LIMIT=170 run python3 bench/bench_train.py --e2e --mode ours --batch 16 --workers 8 --steps 20 --compile-regions --patchify
+    ;;
+  serve-and-profile)
+    LIMIT=400 run python3 bench/bench_serve.py --variants engine,engine_compile --new-tokens 128
+    LIMIT=150 run python3 bench/bench_train_run.py --root /tmp/vg-real --batch 16 --workers 12 --steps 30 --compile --profile "$OUT/profile_train_run.txt"
+    ;;
+  serve-compile)
+    LIMIT=330 run python3 bench/bench_serve.py --variants engine_compile --new-tokens 128
     ;;
   serve)
     LIMIT=560 run python3 bench/bench_serve.py

@@ -47,6 +47,18 @@ def _run(engine, prompts, params):
     return seqs
 
 
+def test_compiled_decode_gives_the_eager_tokens(loaded):
+    """`serve --compile`: the torch.compile'd decode step (here on CPU, no graphs) writes each slot's cache row in
+    place and picks the same tokens as `model.generate()`, with rows joining at different lengths."""
+    model, processor = loaded
+    prompts = _prepared(processor)
+    reference = [_hf_greedy(model, p, 6) for p in prompts]
+    engine = Engine(model, processor.tokenizer, EngineConfig(max_batch_size=4, max_seq_len=256, sync_every=2,
+                                                             compile=True), eos_token_ids=[])
+    seqs = _run(engine, prompts, SamplingParams(max_new_tokens=6))
+    assert [s.output_ids for s in seqs] == reference
+
+
 @pytest.mark.parametrize(("sync_every", "bucketed"), [(1, False), (3, True)])
 def test_greedy_batch_equals_model_generate_for_each_prompt(loaded, sync_every, bucketed):
     model, processor = loaded

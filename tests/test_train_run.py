@@ -27,7 +27,7 @@ def vqa_data(tmp_path_factory):
 
 
 def _config(model, data, out, **overrides) -> TrainConfig:
-    config = TrainConfig(model=str(model), data=data, output_dir=str(out), stage="align", bf16=False,
+    config = TrainConfig(model=str(model), data=data, output_dir=str(out), stage="align",  # bf16 default: fp32 on CPU
                          report_to=["none"], learning_rate=5e-3, max_steps=6, save_steps=2, logging_steps=1,
                          per_device_train_batch_size=4, num_sample_images=0, seed=3, data_seed=3)
     config.data_settings.num_workers = 0

@@ -23,9 +23,12 @@ class DonorFamily:
     connector: str
     llm: str
     lm_head: str
-    # The vision tower's repeated blocks and final norm (for "train the last N vision layers").
+    # The repeated blocks (for "train the last N vision layers" and for compiling block by block) and the final
+    # vision norm.
     vision_layers: str
     vision_post_norm: str
+    llm_layers: str
+    vision_patch_embedding: str  # a Conv2d whose stride equals its kernel
     # Prefixes of the donor's own checkpoint: what is kept from it and what the LLM replaces.
     donor_vision: str
     donor_connector: str
@@ -55,6 +58,8 @@ SMOLVLM = DonorFamily(
     lm_head="lm_head",
     vision_layers="model.vision_model.encoder.layers",
     vision_post_norm="model.vision_model.post_layernorm",
+    llm_layers="model.text_model.layers",
+    vision_patch_embedding="model.vision_model.embeddings.patch_embedding",
     donor_vision="model.vision_model.",
     donor_connector="model.connector.",
     donor_text=("model.text_model.", "lm_head."),

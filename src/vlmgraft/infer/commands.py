@@ -61,7 +61,7 @@ def register(sub) -> None:
     serve.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                        help="run decode steps eagerly on CUDA (debugging)")
     serve.add_argument("--compile", action="store_true",
-                       help="torch.compile the decode step (faster steps; each new batch/length shape compiles)")
+                       help="torch.compile the decode step of small batches (faster batch-1 decode; minutes of warm-up)")
     serve.set_defaults(func=_serve)
 
 

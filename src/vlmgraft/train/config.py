@@ -73,14 +73,19 @@ class TrainConfig:
     warmup_ratio: float = 0.1
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
-    per_device_train_batch_size: int = 4  # 11.5 GiB peak for align at real size (bench/RESULTS.md)
+    per_device_train_batch_size: int = 4  # align at real size: 8.2 GiB peak compiled, 11.5 eager (bench/RESULTS.md)
     per_device_eval_batch_size: int = 8
     gradient_accumulation_steps: int = 1
     num_train_epochs: float = 1.0
     max_steps: int = -1
     bf16: bool = True
     gradient_checkpointing: bool = False
-    attn_implementation: str = "sdpa"
+    # "auto": flex attention in the LLM for packed batches on CUDA, else SDPA (vlmgraft.train.speed says why);
+    # or any transformers implementation name (sdpa, eager, flex_attention, flash_attention_2).
+    attn_implementation: str = "auto"
+    # Compile each decoder/encoder layer (regional torch.compile, vlmgraft.train.speed); None: on CUDA. It doubled
+    # align throughput on an H100 for ~25 s of compilation at the start (bench/RESULTS.md).
+    compile: bool | None = None
     quantize_4bit: bool = False  # QLoRA: 4-bit base weights through bitsandbytes (CUDA only)
     seed: int = 42
     data_seed: int = 42

@@ -23,6 +23,7 @@ from vlmgraft.errors import VlmgraftError
 from vlmgraft.graft.families import family_for
 from vlmgraft.train.callbacks import CHECKPOINT_META, CheckpointMetadata, SampleAnswers
 from vlmgraft.train.config import TrainConfig, to_dict
+from vlmgraft.train.speed import attention_for, compile_regions, patchify_with_matmul
 from vlmgraft.train.stages import prepare_model, trainable_table
 from vlmgraft.train.trainer import GraftTrainer
 
@@ -57,9 +58,16 @@ def _resolve_output(config: TrainConfig, force: bool) -> str | None:
     return last
 
 
+def _use_bf16(config: TrainConfig) -> bool:
+    """bf16 weights and autocast on CUDA; elsewhere fp32, since the Trainer autocasts only on CUDA and bf16 frozen
+    parts would then meet the fp32 trainable ones."""
+    return config.bf16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
 def _load_model(config: TrainConfig):
-    dtype = torch.bfloat16 if config.bf16 else torch.float32
-    kwargs = {"dtype": dtype, "attn_implementation": config.attn_implementation}
+    dtype = torch.bfloat16 if _use_bf16(config) else torch.float32
+    attention = attention_for(config.attn_implementation, config.data_settings.packing)
+    kwargs = {"dtype": dtype, "attn_implementation": attention}
     if config.quantize_4bit:
         if not torch.cuda.is_available():
             raise VlmgraftError("quantize_4bit (QLoRA) needs a CUDA GPU: bitsandbytes 4-bit weights do not run on "
@@ -79,7 +87,7 @@ def _load_model(config: TrainConfig):
 
 
 def _training_arguments(config: TrainConfig, has_eval: bool) -> TrainingArguments:
-    use_bf16 = config.bf16 and (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    use_bf16 = _use_bf16(config)
     return TrainingArguments(
         output_dir=config.output_dir, run_name=config.run_name, seed=config.seed, data_seed=config.data_seed,
         learning_rate=config.learning_rate, lr_scheduler_type=config.lr_scheduler_type,
@@ -141,6 +149,11 @@ def train(config: TrainConfig, force: bool = False, callbacks: tuple = (), echo=
          + f"\n{table}")
     if config.gradient_checkpointing:
         model.enable_input_require_grads()
+    if torch.cuda.is_available():
+        patchify_with_matmul(model, family)
+    if config.compile if config.compile is not None else torch.cuda.is_available():
+        echo(f"compiling {compile_regions(model, family)} decoder/encoder layers one by one (the first steps are "
+             f"slower while they compile)")
 
     train_ds, eval_ds = _datasets(config)
     collator = _collator(processor, config)

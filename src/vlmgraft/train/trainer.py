@@ -1,10 +1,12 @@
-"""`GraftTrainer`: the transformers Trainer with three changes that matter for grafted VLMs.
+"""`GraftTrainer`: the transformers Trainer with four changes that matter for grafted VLMs.
 
 1. Logits and cross-entropy only at positions that carry a label. A Cauldron-like sample is ~1100 image tokens and
    a short answer; full-vocabulary logits at every position (151,936 × seq) dominate memory and time otherwise.
    The stock model already supports this through `logits_to_keep` with an index tensor, so no forward is rewritten.
 2. Per-module-group learning rates and LoRA+ through `create_optimizer`.
-3. The does-it-see probe: at each evaluation, the eval loss with the real images vs. the same batches with the
+3. Right-padded batches go without an attention mask (the causal mask already hides the padding), so SDPA keeps
+   its flash kernel.
+4. The does-it-see probe: at each evaluation, the eval loss with the real images vs. the same batches with the
    images replaced by noise. A graft whose images never reach the LLM shows a gap of ~0 — the classic silent failure.
 """
 
@@ -26,9 +28,21 @@ log = logging.getLogger(__name__)
 IGNORE = -100
 
 
-def label_only_loss(model, inputs: dict, num_items_in_batch=None) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over labelled positions / the item count; returns (loss, labelled tokens)."""
-    inputs = dict(inputs)
+def drop_right_padding_mask(inputs: dict) -> dict:
+    """Right-padded rows need no attention mask in causal training: a real token attends only to earlier positions,
+    and the padding comes after every real token, so the causal mask alone hides it (the padding's own outputs carry
+    no label). Without the mask SDPA runs its flash kernel (is_causal) instead of the slower masked kernel."""
+    mask = inputs.get("attention_mask")
+    if mask is None or mask.dim() != 2 or not bool((mask[:, 1:] <= mask[:, :-1]).all()):
+        return inputs  # left padding or holes: keep the mask
+    return {k: v for k, v in inputs.items() if k != "attention_mask"}
+
+
+def label_only_loss(model, inputs: dict, num_items_in_batch=None, padding_mask: bool = False
+                    ) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over labelled positions / the item count; returns (loss, labelled tokens).
+    A right-padding attention mask is dropped unless `padding_mask` (see `drop_right_padding_mask`)."""
+    inputs = dict(inputs) if padding_mask else dict(drop_right_padding_mask(inputs))
     labels = inputs.pop("labels")
     targets_all = labels[:, 1:]
     keep = (targets_all != IGNORE).any(0).nonzero().squeeze(1)

@@ -1,0 +1,126 @@
+"""End-to-end training speed through the product itself: `vlmgraft.train.run.train` (GraftTrainer, the HF Trainer's
+DataLoader workers, the collator's uint8 tiles) on the real-size graft with random weights, one GPU.
+
+    python bench/bench_train_run.py --root /tmp/vg-real --batch 16 --workers 12 --steps 40 --compile
+
+Builds the graft under ROOT/graft if it is missing (as bench_build.py does), writes ~2048×1600 JPEGs into a
+Cauldron parquet (17 tiles each), trains the `align` stage for --steps steps and reads the trainer's own
+samples_per_second / tokens_per_second logs (logged every 5 steps; the first two windows, which hold the
+compilation, are left out). Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+import yaml  # noqa: E402
+from bench_data import write_data  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
+
+from vlmgraft.train.config import TrainConfig  # noqa: E402
+from vlmgraft.train.run import train  # noqa: E402
+
+
+def ensure_graft(root: Path) -> Path:
+    graft = root / "graft"
+    if not (graft / "config.json").exists():
+        from vlmgraft.fixtures.models import save_real_size_pair
+        from vlmgraft.graft.build import BuildOptions, build
+
+        donor, llm = save_real_size_pair(root)
+        build(BuildOptions(vision=str(donor), llm=str(llm), out=graft, force=True), log=lambda *_: None)
+    return graft
+
+
+class ProfileSteps(TrainerCallback):
+    """--profile FILE: a torch.profiler record of steps [start, start + count): GPU busy time vs. wall time, and
+    the heaviest CPU-side and GPU-side operations (where an end-to-end step loses time against compute alone)."""
+
+    def __init__(self, path: str, start: int = 20, count: int = 3):
+        self.path, self.start, self.count = path, start, count
+        self.prof = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.start and self.prof is None:
+            from torch.profiler import ProfilerActivity, profile
+
+            torch.cuda.synchronize()
+            self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            self.prof.__enter__()
+            self.began = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.prof is not None and state.global_step == self.start + self.count:
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - self.began
+            self.prof.__exit__(None, None, None)
+            events = self.prof.key_averages()
+            kernels = sum(e.self_device_time_total for e in events) / 1e6  # profiler times are in microseconds
+            head = (f"{self.count} steps: wall {wall:.3f} s, GPU kernels and copies {kernels:.3f} s "
+                    f"({100 * kernels / wall:.0f}% busy)\n\n")
+            by_cpu = events.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70)
+            by_gpu = events.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70)
+            Path(self.path).write_text(head + "By CPU time:\n" + by_cpu + "\nBy GPU time:\n" + by_gpu)
+            self.prof = None
+
+
+class Windows(TrainerCallback):
+    def __init__(self):
+        self.seen: list[tuple[float, float]] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "samples_per_second" in logs:
+            self.seen.append((logs["samples_per_second"], logs["tokens_per_second"]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--root", type=Path, default=Path("/tmp/vg-real"))
+    parser.add_argument("--stage", default="align")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--workers", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--packing", action="store_true")
+    parser.add_argument("--profile", default="", help="write a profile of steps 20-22 to this file")
+    args = parser.parse_args()
+    graft = ensure_graft(args.root)
+    data_dir = args.root / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    data, fmt = write_data(data_dir, 128, 2048, 1600)
+    mixture = data_dir / "mixture.yaml"
+    mixture.write_text(yaml.safe_dump({"sources": [{"path": f"{fmt}:{data}", "weight": 32}]}))
+    config = TrainConfig(model=str(graft), data=str(mixture), output_dir=str(args.root / "run"), stage=args.stage,
+                         per_device_train_batch_size=args.batch, max_steps=args.steps, logging_steps=5,
+                         save_steps=10**6, num_sample_images=0, report_to=[], compile=args.compile)
+    config.data_settings.num_workers = args.workers
+    config.data_settings.eval_size = 0
+    config.data_settings.packing = args.packing
+    torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    logged = Windows()
+    callbacks = (logged, ProfileSteps(args.profile)) if args.profile else (logged,)
+    train(config, force=True, callbacks=callbacks, echo=lambda *a: print(*a, file=sys.stderr))
+    windows = logged.seen
+    print(json.dumps({
+        "bench": "train_run", **{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "samples_per_s": round(statistics.median(w[0] for w in windows[2:]), 2) if len(windows) > 2 else None,
+        "tokens_per_s": round(statistics.median(w[1] for w in windows[2:])) if len(windows) > 2 else None,
+        "windows": windows, "wall_s": round(time.perf_counter() - started, 1),
+        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "data_format": fmt,
+        "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+        "cmd": "python " + " ".join(sys.argv)}))
+
+
+if __name__ == "__main__":
+    main()

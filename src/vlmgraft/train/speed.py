@@ -1,0 +1,106 @@
+"""Training speed switches that change no result: which attention kernel each part uses, and regional compilation.
+
+Attention (`attn_implementation: auto`): packed rows (`data_settings.packing`) hold several samples that must not
+see each other. transformers derives that block-diagonal mask from the position resets; with SDPA it becomes a dense
+mask that takes SDPA off its flash kernel (a packed batch measured half the speed of a padded one on an H100,
+bench/RESULTS.md), while flex attention's block mask skips the blocks between samples. So on CUDA a packed run uses
+flex attention in the LLM and SDPA in the vision tower (whose tiles never mix); elsewhere SDPA (flex attention has
+no CPU backward).
+
+Compilation (`compile: true`): every repeated block (LLM decoder layers, vision encoder layers) is compiled on its
+own, in place. Identical blocks share one compiled graph, so compiling costs one block's time instead of the whole
+model's, and a new sequence length recompiles one small graph once (then shapes go dynamic). transformers'
+`TrainingArguments.torch_compile` compiles the whole model as one graph instead, and parameter names would gain an
+`_orig_mod.` prefix; an in-place `Module.compile()` keeps checkpoints and PEFT adapters unchanged.
+
+Patch embedding (on CUDA): a Conv2d whose stride equals its kernel is a matrix product over non-overlapping
+patches, but cuDNN ran it with a slow implicit-GEMM kernel (18 ms per step of 272 tiles, as long as all of the
+vision tower's attention; bench/RESULTS.md). `patchify_with_matmul` computes the same product with one reshape and
+one `F.linear` on the module's own weights, so nothing changes in the checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+
+import torch
+import torch.nn.functional as F
+
+from vlmgraft.errors import VlmgraftError
+from vlmgraft.graft.families import DonorFamily
+
+log = logging.getLogger(__name__)
+FLEX = "flex_attention"
+# transformers accepts one implementation per sub-config; "" is the outer model.
+FLEX_TEXT = {"": "sdpa", "vision_config": "sdpa", "text_config": FLEX}
+
+
+def attention_for(requested: str, packing: bool, cuda: bool | None = None) -> str | dict[str, str]:
+    """The `attn_implementation` argument for from_pretrained."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if requested == "auto":
+        return FLEX_TEXT if cuda and packing else "sdpa"
+    if requested == FLEX and not cuda:
+        raise VlmgraftError("attn_implementation: flex_attention trains only on CUDA (PyTorch's flex attention has "
+                            "no CPU backward); use sdpa or auto")
+    return requested
+
+
+def repeated_blocks(model, family: DonorFamily) -> list[torch.nn.Module]:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT wrapper
+    return [block for path in (family.llm_layers, family.vision_layers) for block in base.get_submodule(path)]
+
+
+def compile_regions(model, family: DonorFamily) -> int:
+    """Compile every LLM decoder layer and vision encoder layer in place; returns how many blocks were compiled."""
+    blocks = repeated_blocks(model, family)
+    # Each block is a separate frame with its own cache entry; give room for a static and a dynamic graph each.
+    config = torch._dynamo.config
+    config.cache_size_limit = max(config.cache_size_limit, 16)
+    for block in blocks:
+        block.compile()
+    log.info("compiled %d blocks (regional torch.compile; the first steps include compilation)", len(blocks))
+    return len(blocks)
+
+
+def _patchify_forward(self, pixels: torch.Tensor) -> torch.Tensor:
+    k = self.kernel_size[0]
+    n, c, h, w = pixels.shape
+    rows, cols = h // k, w // k
+    patches = pixels[:, :, : rows * k, : cols * k].reshape(n, c, rows, k, cols, k).permute(0, 2, 4, 1, 3, 5)
+    out = F.linear(patches.reshape(n, rows * cols, c * k * k), self.weight.reshape(self.out_channels, -1), self.bias)
+    return out.transpose(1, 2).reshape(n, self.out_channels, rows, cols)
+
+
+def patchify_with_matmul(model, family: DonorFamily) -> bool:
+    """Run the vision patch embedding as reshape + matmul (same weights, same result); False when it does not fit."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    conv = base.get_submodule(family.vision_patch_embedding)
+    fits = (isinstance(conv, torch.nn.Conv2d) and conv.kernel_size[0] == conv.kernel_size[1] == conv.stride[0]
+            == conv.stride[1] and conv.groups == 1 and conv.dilation == (1, 1)
+            and conv.padding in ("valid", (0, 0)))
+    if fits:
+        conv.forward = types.MethodType(_patchify_forward, conv)
+    return fits
+
+
+class plain_attention_for_generation:
+    """Generate with SDPA while the LLM trains with flex attention: cached decoding would rebuild a flex block
+    mask at every new token, for nothing (answers are one sample per row, no packing)."""
+
+    def __init__(self, model):
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.configs = [c for c in (base.config, getattr(base.config, "text_config", None),
+                                    getattr(base.config, "vision_config", None))
+                        if c is not None and c._attn_implementation == FLEX]
+
+    def __enter__(self):
+        for config in self.configs:
+            config._attn_implementation = "sdpa"
+        return self
+
+    def __exit__(self, *exc):
+        for config in self.configs:
+            config._attn_implementation = FLEX
+        return False

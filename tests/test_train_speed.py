@@ -1,0 +1,114 @@
+"""Speed switches change no result: the dropped right-padding mask, the attention choice, regional compilation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from vlmgraft.errors import VlmgraftError
+from vlmgraft.graft.families import SMOLVLM
+from vlmgraft.train.config import TrainConfig
+from vlmgraft.train.speed import (
+    FLEX,
+    attention_for,
+    compile_regions,
+    patchify_with_matmul,
+    plain_attention_for_generation,
+)
+from vlmgraft.train.stages import prepare_model
+from vlmgraft.train.trainer import drop_right_padding_mask, label_only_loss
+
+
+def _padded_batch(processor, side: str):
+    """Two samples of different lengths (so one row is padded), labels on the answers only."""
+    texts, images = [], []
+    for answer in ("red", "a dark red square on a light grey background, slightly to the left"):
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is it?"}]},
+                    {"role": "assistant", "content": answer}]
+        texts.append(processor.apply_chat_template(messages))
+        images.append([Image.new("RGB", (64, 48), (180, 20, 20))])
+    processor.tokenizer.padding_side = side
+    batch = dict(processor(text=texts, images=images, return_tensors="pt", padding=True))
+    labels = batch["input_ids"].clone()
+    labels[batch["attention_mask"] == 0] = -100
+    labels[:, :-12] = -100
+    batch["labels"] = labels
+    return batch
+
+
+def _align_model(path):
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+    model, _ = prepare_model(model, SMOLVLM, TrainConfig(model="m", data="d", stage="align"))
+    return model
+
+
+def _loss_and_grads(model, batch, **kwargs):
+    model.zero_grad(set_to_none=True)
+    loss, count = label_only_loss(model, batch, **kwargs)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), count, grads
+
+
+def test_right_padding_mask_is_dropped_without_changing_loss_or_gradients(tiny_graft):
+    processor = AutoProcessor.from_pretrained(tiny_graft)
+    batch = _padded_batch(processor, "right")
+    assert (batch["attention_mask"] == 0).any()  # one row really is padded
+    assert "attention_mask" not in drop_right_padding_mask(batch)
+    left = _padded_batch(processor, "left")
+    assert "attention_mask" in drop_right_padding_mask(left)  # left padding would be visible: the mask stays
+    model = _align_model(tiny_graft)
+    masked = _loss_and_grads(model, batch, padding_mask=True)
+    causal_only = _loss_and_grads(model, batch)
+    assert masked[1] == causal_only[1] > 0
+    torch.testing.assert_close(causal_only[0], masked[0], rtol=1e-5, atol=1e-6)
+    for name, grad in masked[2].items():
+        torch.testing.assert_close(causal_only[2][name], grad, rtol=1e-4, atol=1e-6)
+    assert "attention_mask" in batch  # the caller's batch is left as it was
+
+
+def test_attention_choice():
+    assert attention_for("auto", packing=True, cuda=False) == "sdpa"  # flex attention has no CPU backward
+    assert attention_for("auto", packing=False, cuda=True) == "sdpa"
+    packed_on_gpu = attention_for("auto", packing=True, cuda=True)
+    assert packed_on_gpu["text_config"] == FLEX and packed_on_gpu["vision_config"] == "sdpa"
+    assert attention_for("eager", packing=True, cuda=False) == "eager"
+    with pytest.raises(VlmgraftError, match="only on CUDA"):
+        attention_for(FLEX, packing=True, cuda=False)
+
+
+def test_generation_switches_flex_attention_to_sdpa_and_back(tiny_graft):
+    model = AutoModelForImageTextToText.from_pretrained(tiny_graft, dtype=torch.float32)
+    model.config.text_config._attn_implementation = FLEX
+    with plain_attention_for_generation(model):
+        assert model.config.text_config._attn_implementation == "sdpa"
+    assert model.config.text_config._attn_implementation == FLEX
+    assert model.config.vision_config._attn_implementation != FLEX  # untouched
+
+
+def test_compiled_layers_train_the_same_and_keep_checkpoint_names(tiny_graft):
+    processor = AutoProcessor.from_pretrained(tiny_graft)
+    eager, compiled = _align_model(tiny_graft), _align_model(tiny_graft)
+    names = set(compiled.state_dict())
+    assert compile_regions(compiled, SMOLVLM) == (len(compiled.model.text_model.layers)
+                                                  + len(compiled.model.vision_model.encoder.layers))
+    assert set(compiled.state_dict()) == names  # no _orig_mod. prefix: checkpoints and merges are unchanged
+    for side in ("right", "left"):  # two batch shapes: a recompile, then the same results again
+        batch = _padded_batch(processor, side)
+        reference, result = _loss_and_grads(eager, batch), _loss_and_grads(compiled, batch)
+        torch.testing.assert_close(result[0], reference[0], rtol=1e-4, atol=1e-5)
+        for name, grad in reference[2].items():
+            torch.testing.assert_close(result[2][name], grad, rtol=1e-3, atol=1e-5)
+
+
+def test_patch_embedding_as_matmul_equals_the_convolution(tiny_graft):
+    model = AutoModelForImageTextToText.from_pretrained(tiny_graft, dtype=torch.float32)
+    conv = model.get_submodule(SMOLVLM.vision_patch_embedding)
+    pixels = torch.randn(3, 3, conv.kernel_size[0] * 4 + 3, conv.kernel_size[0] * 5)  # a ragged edge is cropped
+    with torch.no_grad():
+        reference = conv(pixels)
+        assert patchify_with_matmul(model, SMOLVLM)
+        torch.testing.assert_close(conv(pixels), reference, rtol=1e-5, atol=1e-5)
+    assert set(dict(conv.named_parameters())) == {"weight", "bias"}  # same weights, same checkpoint
