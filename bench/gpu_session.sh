@@ -62,6 +62,9 @@ case "${1:-}" in
   serve-compile)
     LIMIT=330 run python3 bench/bench_serve.py --variants engine_compile --new-tokens 128
     ;;
+  full-stage)
+    LIMIT=170 run python3 bench/bench_train.py --mode ours --batch 8 --steps 6 --stage full --compile-regions --patchify
+    ;;
   serve)
     LIMIT=560 run python3 bench/bench_serve.py
     ;;

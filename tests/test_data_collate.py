@@ -63,7 +63,11 @@ def test_matches_processor_and_masks_everything_but_answers(processor):
     assert runs == ["红色<|im_end|>", "two shapes<|im_end|>", "yes<|im_end|>"]
 
     batch = collator([sample, WORLD.vqa_samples(1, "en", "count")[0], None])
-    assert set(batch) == {"input_ids", "attention_mask", "labels", "pixel_values", "pixel_attention_mask"}
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "pixel_values", "pixel_attention_mask",
+                          "loss_plan"}
+    plan, labelled = batch["loss_plan"], batch["labels"][:, 1:] != -100
+    assert list(plan.columns) == labelled.any(0).nonzero().squeeze(1).tolist()  # what the loss would read back
+    assert (plan.label_tokens, plan.tokens, plan.samples) == (labelled.sum(), batch["attention_mask"].sum(), 2)
     short = batch["attention_mask"][1] == 0
     assert short.any() and (batch["labels"][1][short] == -100).all()  # padding carries no loss
     assert (batch["input_ids"][1][short] == processor.tokenizer.pad_token_id).all()

@@ -112,3 +112,21 @@ def test_patch_embedding_as_matmul_equals_the_convolution(tiny_graft):
         assert patchify_with_matmul(model, SMOLVLM)
         torch.testing.assert_close(conv(pixels), reference, rtol=1e-5, atol=1e-5)
     assert set(dict(conv.named_parameters())) == {"weight", "bias"}  # same weights, same checkpoint
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_the_collators_loss_plan_gives_the_loss_computed_from_the_gpu_tensors(tiny_graft, packing):
+    """The step reads nothing back from the GPU when the collator's plan is there, and computes the same loss."""
+    from vlmgraft.data.collate import VisionChatCollator
+    from vlmgraft.data.shapes import ShapesWorld
+
+    processor = AutoProcessor.from_pretrained(tiny_graft)
+    samples = ShapesWorld(image_size=64, seed=4).vqa_samples(3, "en", "count")
+    batch = VisionChatCollator(processor, max_length=512, packing=packing)(samples)
+    without_plan = {k: v for k, v in batch.items() if k != "loss_plan"}
+    model = _align_model(tiny_graft)
+    planned, computed = _loss_and_grads(model, batch), _loss_and_grads(model, without_plan)
+    assert planned[1] == computed[1] == batch["loss_plan"].label_tokens > 0
+    torch.testing.assert_close(planned[0], computed[0])
+    for name, grad in computed[2].items():
+        torch.testing.assert_close(planned[2][name], grad)

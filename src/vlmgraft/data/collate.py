@@ -8,12 +8,14 @@ and flash-attention alike). That detection only runs when attention_mask is None
 the model with `use_cache=False` (set `model.config.use_cache = False` and its text_config's) when training packed.
 
 Batch keys: `input_ids`, `labels` (-100 where no loss), `attention_mask` (not when packing), `position_ids` (packing),
-and when any sample has images `pixel_values` (B, N, 3, T, T) + `pixel_attention_mask` (B, N, T, T, bool) with
-all-zero padding tiles. With `pixels="uint8"`, `pixel_values` is a `UInt8Tiles` holder instead and `to_device`
+`loss_plan` (a `LossPlan`, not a tensor: what the loss would otherwise read back from the GPU), and when any sample
+has images `pixel_values` (B, N, 3, T, T) + `pixel_attention_mask` (B, N, T, T, bool) with all-zero padding tiles. With `pixels="uint8"`, `pixel_values` is a `UInt8Tiles` holder instead and `to_device`
 normalises it on the GPU; a model handed the holder directly fails with a message saying so.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -22,6 +24,23 @@ from vlmgraft.data.encode import IGNORE, Encoded, SampleEncoder
 from vlmgraft.data.sample import Sample
 from vlmgraft.data.tally import Tally
 from vlmgraft.data.tiles import normalize_tiles
+
+
+@dataclass(frozen=True)
+class LossPlan:
+    """What the training step needs to know about a batch, worked out here on the CPU: every value the step reads
+    back from the GPU stalls the GPU while Python launches the next kernels (a profile on an H100 showed 18 such
+    waits per step, bench/RESULTS.md).
+
+    columns: positions whose next token is labelled in some row (where logits are computed); label_tokens, tokens,
+    samples: counts for the loss and the throughput log; right_padded: every row holds its tokens first, so the
+    causal mask alone hides the padding."""
+
+    columns: tuple[int, ...]
+    label_tokens: int
+    tokens: int
+    samples: int
+    right_padded: bool = True
 
 
 class UInt8Tiles:
@@ -118,6 +137,10 @@ class VisionChatCollator:
             batch["position_ids"] = positions
         else:
             batch["attention_mask"] = attention
+        labelled = labels[:, 1:] != IGNORE
+        batch["loss_plan"] = LossPlan(columns=tuple(labelled.any(0).nonzero().squeeze(1).tolist()),
+                                      label_tokens=int(labelled.sum()), tokens=sum(lengths),
+                                      samples=sum(len(row) for row in rows))
         batch.update(self._pixels(rows))
         return batch
 

@@ -106,6 +106,8 @@ def _training_arguments(config: TrainConfig, has_eval: bool) -> TrainingArgument
         dataloader_num_workers=config.data_settings.num_workers,
         dataloader_persistent_workers=config.data_settings.num_workers > 0,
         dataloader_pin_memory=torch.cuda.is_available(),
+        # Pinned batches go to the GPU without a host wait, so the next step queues up while this one computes.
+        accelerator_config={"non_blocking": torch.cuda.is_available()},
         # Without an accelerator, say so: torchrun on CPUs then runs real DDP over gloo instead of N copies.
         use_cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
         ddp_find_unused_parameters=False, deepspeed=config.deepspeed, fsdp=config.fsdp or None,

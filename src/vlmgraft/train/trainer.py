@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
+from vlmgraft.data.collate import LossPlan
 from vlmgraft.graft.families import DonorFamily
 from vlmgraft.train.config import TrainConfig
 from vlmgraft.train.stages import optimizer_groups
@@ -41,23 +42,40 @@ def drop_right_padding_mask(inputs: dict) -> dict:
 def label_only_loss(model, inputs: dict, num_items_in_batch=None, padding_mask: bool = False
                     ) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over labelled positions / the item count; returns (loss, labelled tokens).
-    A right-padding attention mask is dropped unless `padding_mask` (see `drop_right_padding_mask`)."""
-    inputs = dict(inputs) if padding_mask else dict(drop_right_padding_mask(inputs))
+    A right-padding attention mask is dropped unless `padding_mask` (see `drop_right_padding_mask`). With the
+    collator's `loss_plan` nothing is read back from the GPU; without one the same values are computed here."""
+    inputs = dict(inputs)
+    plan: LossPlan | None = inputs.pop("loss_plan", None)
+    if not padding_mask:
+        if plan is not None and plan.right_padded:
+            inputs.pop("attention_mask", None)
+        else:
+            inputs = dict(drop_right_padding_mask(inputs))
     labels = inputs.pop("labels")
     targets_all = labels[:, 1:]
-    keep = (targets_all != IGNORE).any(0).nonzero().squeeze(1)
-    if keep.numel() == 0:  # nothing to learn in this batch: a zero loss that still touches the graph
-        keep = torch.zeros(1, dtype=torch.long, device=labels.device)
+    if plan is not None:
+        keep = _to_device(torch.tensor(plan.columns or (0,), dtype=torch.long), labels.device)
+    else:
+        keep = (targets_all != IGNORE).any(0).nonzero().squeeze(1)
+        if keep.numel() == 0:  # nothing to learn in this batch: a zero loss that still touches the graph
+            keep = torch.zeros(1, dtype=torch.long, device=labels.device)
     outputs = model(**inputs, logits_to_keep=keep, use_cache=False)
     logits = outputs.logits
     targets = targets_all[:, keep]
     loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE,
                            reduction="sum")
-    count = int((targets != IGNORE).sum())
+    count = plan.label_tokens if plan is not None else int((targets != IGNORE).sum())
     denominator = num_items_in_batch if num_items_in_batch is not None else max(count, 1)
     if isinstance(denominator, torch.Tensor):
         denominator = denominator.to(loss.device)
     return loss / denominator, count
+
+
+def _to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor to `device` without waiting for the device (pinned + non-blocking on CUDA)."""
+    if device.type != "cuda":
+        return values.to(device)
+    return values.pin_memory().to(device, non_blocking=True)
 
 
 def noise_like_images(pixel_values: torch.Tensor) -> torch.Tensor:
@@ -98,6 +116,11 @@ class GraftTrainer(Trainer):
         return (loss, {"loss": loss}) if return_outputs else loss
 
     def _count(self, inputs) -> None:
+        plan = inputs.get("loss_plan")
+        if plan is not None:  # counted by the collator on the CPU: nothing to read back from the GPU
+            self._tokens += plan.tokens
+            self._samples += plan.samples
+            return
         ids, mask = inputs["input_ids"], inputs.get("attention_mask")
         self._tokens += int(mask.sum()) if mask is not None else ids.numel()
         if "position_ids" in inputs and mask is None:  # packed rows: every restart at 0 opens a sample
