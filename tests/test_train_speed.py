@@ -15,7 +15,7 @@ from vlmgraft.train.speed import (
     attention_for,
     compile_regions,
     patchify_with_matmul,
-    plain_attention_for_generation,
+    settings_for_generation,
 )
 from vlmgraft.train.stages import prepare_model
 from vlmgraft.train.trainer import drop_right_padding_mask, label_only_loss
@@ -82,7 +82,7 @@ def test_attention_choice():
 def test_generation_switches_flex_attention_to_sdpa_and_back(tiny_graft):
     model = AutoModelForImageTextToText.from_pretrained(tiny_graft, dtype=torch.float32)
     model.config.text_config._attn_implementation = FLEX
-    with plain_attention_for_generation(model):
+    with settings_for_generation(model):
         assert model.config.text_config._attn_implementation == "sdpa"
     assert model.config.text_config._attn_implementation == FLEX
     assert model.config.vision_config._attn_implementation != FLEX  # untouched
@@ -101,6 +101,16 @@ def test_compiled_layers_train_the_same_and_keep_checkpoint_names(tiny_graft):
         torch.testing.assert_close(result[0], reference[0], rtol=1e-4, atol=1e-5)
         for name, grad in reference[2].items():
             torch.testing.assert_close(result[2][name], grad, rtol=1e-3, atol=1e-5)
+    # Sample answers mid-training run the layers eagerly: generation compiles nothing new.
+    from torch._dynamo.utils import counters
+
+    from vlmgraft.data.shapes import ShapesWorld
+    from vlmgraft.train.callbacks import answer_samples
+
+    graphs = counters["stats"]["unique_graphs"]
+    answers = answer_samples(compiled, processor, ShapesWorld(image_size=64, seed=2).vqa_samples(2, "en", "colour"),
+                             max_new_tokens=3)
+    assert len(answers) == 2 and counters["stats"]["unique_graphs"] == graphs
 
 
 def test_patch_embedding_as_matmul_equals_the_convolution(tiny_graft):

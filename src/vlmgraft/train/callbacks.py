@@ -34,12 +34,12 @@ def answer_samples(model, processor, samples: list[Sample], max_new_tokens: int 
     from vlmgraft.eval.generation import answer_samples as generate
     from vlmgraft.eval.generation import split_sample
     from vlmgraft.eval.tasks import question_of
-    from vlmgraft.train.speed import plain_attention_for_generation
+    from vlmgraft.train.speed import settings_for_generation
 
     was_training = model.training
     model.eval()
     try:
-        with plain_attention_for_generation(model):
+        with settings_for_generation(model):
             answers = generate(model, processor, samples, max_new_tokens=max_new_tokens, desc="sample answers")
     finally:
         model.train(was_training)

@@ -21,6 +21,7 @@ one `F.linear` on the module's own weights, so nothing changes in the checkpoint
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import types
 
@@ -85,22 +86,20 @@ def patchify_with_matmul(model, family: DonorFamily) -> bool:
     return fits
 
 
-class plain_attention_for_generation:
-    """Generate with SDPA while the LLM trains with flex attention: cached decoding would rebuild a flex block
-    mask at every new token, for nothing (answers are one sample per row, no packing)."""
-
-    def __init__(self, model):
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        self.configs = [c for c in (base.config, getattr(base.config, "text_config", None),
-                                    getattr(base.config, "vision_config", None))
-                        if c is not None and c._attn_implementation == FLEX]
-
-    def __enter__(self):
-        for config in self.configs:
-            config._attn_implementation = "sdpa"
-        return self
-
-    def __exit__(self, *exc):
-        for config in self.configs:
+@contextlib.contextmanager
+def settings_for_generation(model):
+    """Generate answers mid-training with SDPA and without the compiled layers. Cached decoding would rebuild a flex
+    block mask at every new token for nothing (one sample per row), and would recompile every layer for the new
+    shapes and the cache object (one graph per layer index, minutes at the first sample callback)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    configs = [c for c in (base.config, getattr(base.config, "text_config", None),
+                           getattr(base.config, "vision_config", None))
+               if c is not None and c._attn_implementation == FLEX]
+    for config in configs:
+        config._attn_implementation = "sdpa"
+    try:
+        with torch.compiler.set_stance("force_eager"):
+            yield
+    finally:
+        for config in configs:
             config._attn_implementation = FLEX
-        return False
