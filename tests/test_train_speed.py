@@ -38,9 +38,12 @@ def _padded_batch(processor, side: str):
     return batch
 
 
-def _align_model(path):
+def _align_model(path, stage: str = "align"):
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
-    model, _ = prepare_model(model, SMOLVLM, TrainConfig(model="m", data="d", stage="align"))
+    torch.manual_seed(0)  # LoRA's random A matrices: the same in every copy
+    config = TrainConfig(model="m", data="d", stage=stage)
+    config.lora.dropout = 0.0  # no random masks: two copies must compute the same gradients
+    model, _ = prepare_model(model, SMOLVLM, config)
     return model
 
 
@@ -88,12 +91,14 @@ def test_generation_switches_flex_attention_to_sdpa_and_back(tiny_graft):
     assert model.config.vision_config._attn_implementation != FLEX  # untouched
 
 
-def test_compiled_layers_train_the_same_and_keep_checkpoint_names(tiny_graft):
+@pytest.mark.parametrize("stage", ["align", "finetune"])  # finetune: PEFT-wrapped LoRA layers and vision layers
+def test_compiled_layers_train_the_same_and_keep_checkpoint_names(tiny_graft, stage):
     processor = AutoProcessor.from_pretrained(tiny_graft)
-    eager, compiled = _align_model(tiny_graft), _align_model(tiny_graft)
+    eager, compiled = _align_model(tiny_graft, stage), _align_model(tiny_graft, stage)
     names = set(compiled.state_dict())
-    assert compile_regions(compiled, SMOLVLM) == (len(compiled.model.text_model.layers)
-                                                  + len(compiled.model.vision_model.encoder.layers))
+    config = compiled.config
+    assert compile_regions(compiled, SMOLVLM) == (config.text_config.num_hidden_layers
+                                                  + config.vision_config.num_hidden_layers)
     assert set(compiled.state_dict()) == names  # no _orig_mod. prefix: checkpoints and merges are unchanged
     for side in ("right", "left"):  # two batch shapes: a recompile, then the same results again
         batch = _padded_batch(processor, side)
