@@ -7,7 +7,7 @@ bench/RESULTS.md), while flex attention's block mask skips the blocks between sa
 flex attention in the LLM and SDPA in the vision tower (whose tiles never mix); elsewhere SDPA (flex attention has
 no CPU backward).
 
-Compilation (`compile: true`): every repeated block (LLM decoder layers, vision encoder layers) is compiled on its
+Compilation (`compile`, on by default on CUDA): every repeated block (LLM decoder layers, vision encoder layers) is compiled on its
 own, in place. Identical blocks share one compiled graph, so compiling costs one block's time instead of the whole
 model's, and a new sequence length recompiles one small graph once (then shapes go dynamic). transformers'
 `TrainingArguments.torch_compile` compiles the whole model as one graph instead, and parameter names would gain an
@@ -56,7 +56,8 @@ def repeated_blocks(model, family: DonorFamily) -> list[torch.nn.Module]:
 def compile_regions(model, family: DonorFamily) -> int:
     """Compile every LLM decoder layer and vision encoder layer in place; returns how many blocks were compiled."""
     blocks = repeated_blocks(model, family)
-    # Each block is a separate frame with its own cache entry; give room for a static and a dynamic graph each.
+    # All blocks of one type share one code object and so one cache of compiled graphs: a static and a dynamic
+    # graph for training, the same again for evaluation (no grad), per block type.
     config = torch._dynamo.config
     config.cache_size_limit = max(config.cache_size_limit, 16)
     for block in blocks:
