@@ -90,7 +90,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--workers", type=int, default=12)
     parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="compile the layers (default: on where supported)")
     parser.add_argument("--packing", action="store_true")
     parser.add_argument("--profile", default="", help="write a profile of steps 20-22 to this file")
     args = parser.parse_args()
@@ -102,7 +102,7 @@ def main() -> None:
     mixture.write_text(yaml.safe_dump({"sources": [{"path": f"{fmt}:{data}", "weight": 32}]}))
     config = TrainConfig(model=str(graft), data=str(mixture), output_dir=str(args.root / "run"), stage=args.stage,
                          per_device_train_batch_size=args.batch, max_steps=args.steps, logging_steps=5,
-                         save_steps=10**6, num_sample_images=0, report_to=[], compile=args.compile)
+                         save_steps=10**6, num_sample_images=0, report_to=[], compile=args.compile or None)
     config.data_settings.num_workers = args.workers
     config.data_settings.eval_size = 0
     config.data_settings.packing = args.packing

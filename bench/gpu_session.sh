@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmark session as run on the lent H100 (see bench/RESULTS.md). Usage: bash bench/gpu_session.sh PART
-# PART: build-train | data-e2e | memory-finetune | serve | speed-train. Carried wheels in .whl/ are installed to /tmp/site first.
+# PART: build-train | data-e2e | memory-finetune | serve | speed-train[-2|-3] | serve-and-profile | serve-compile |
+# full-stage | product-e2e (not run yet). Carried wheels in .whl/ are installed to /tmp/site first.
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false TRANSFORMERS_VERBOSITY=error
 if [ -d .whl ]; then
@@ -64,6 +65,12 @@ case "${1:-}" in
     ;;
   full-stage)
     LIMIT=170 run python3 bench/bench_train.py --mode ours --batch 8 --steps 6 --stage full --compile-regions --patchify
+    ;;
+  product-e2e)
+    # align and finetune end to end through vlmgraft.train.run.train (LossPlan, non-blocking copies, compile on)
+    LIMIT=200 run python3 bench/bench_train_run.py --root /tmp/vg-real --batch 16 --workers 12 --steps 40
+    LIMIT=200 run python3 bench/bench_train_run.py --root /tmp/vg-real --batch 8 --workers 12 --steps 40 --stage finetune
+    LIMIT=170 run python3 bench/bench_train_run.py --root /tmp/vg-real --batch 16 --workers 12 --steps 40 --packing --profile "$OUT/profile_train_run_packed.txt"
     ;;
   serve)
     LIMIT=560 run python3 bench/bench_serve.py

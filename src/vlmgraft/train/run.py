@@ -23,7 +23,7 @@ from vlmgraft.errors import VlmgraftError
 from vlmgraft.graft.families import family_for
 from vlmgraft.train.callbacks import CHECKPOINT_META, CheckpointMetadata, SampleAnswers
 from vlmgraft.train.config import TrainConfig, to_dict
-from vlmgraft.train.speed import attention_for, compile_regions, patchify_with_matmul
+from vlmgraft.train.speed import attention_for, compile_by_default, compile_regions, patchify_with_matmul
 from vlmgraft.train.stages import prepare_model, trainable_table
 from vlmgraft.train.trainer import GraftTrainer
 
@@ -153,7 +153,7 @@ def train(config: TrainConfig, force: bool = False, callbacks: tuple = (), echo=
         model.enable_input_require_grads()
     if torch.cuda.is_available():
         patchify_with_matmul(model, family)
-    if config.compile if config.compile is not None else torch.cuda.is_available():
+    if config.compile if config.compile is not None else compile_by_default():
         echo(f"compiling {compile_regions(model, family)} decoder/encoder layers one by one (the first steps are "
              f"slower while they compile)")
 

@@ -48,6 +48,15 @@ def attention_for(requested: str, packing: bool, cuda: bool | None = None) -> st
     return requested
 
 
+def compile_by_default() -> bool:
+    """`compile` left unset: on where inductor can build GPU kernels (CUDA, Triton installed, compute capability
+    7.0 or newer); elsewhere the layers stay eager rather than failing at the first step."""
+    import importlib.util
+
+    return (torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
+            and torch.cuda.get_device_capability() >= (7, 0))
+
+
 def repeated_blocks(model, family: DonorFamily) -> list[torch.nn.Module]:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT wrapper
     return [block for path in (family.llm_layers, family.vision_layers) for block in base.get_submodule(path)]
