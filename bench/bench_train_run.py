@@ -65,7 +65,9 @@ class ProfileSteps(TrainerCallback):
             wall = time.perf_counter() - self.began
             self.prof.__exit__(None, None, None)
             events = self.prof.key_averages()
-            kernels = sum(e.self_device_time_total for e in events) / 1e6  # profiler times are in microseconds
+            # Kernels and copies are the events on the GPU; CPU-side ops also carry their kernels' time.
+            kernels = sum(e.self_device_time_total for e in events
+                          if e.device_type == torch.autograd.DeviceType.CUDA) / 1e6  # microseconds → s
             head = (f"{self.count} steps: wall {wall:.3f} s, GPU kernels and copies {kernels:.3f} s "
                     f"({100 * kernels / wall:.0f}% busy)\n\n")
             by_cpu = events.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70)
