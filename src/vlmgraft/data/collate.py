@@ -9,8 +9,9 @@ the model with `use_cache=False` (set `model.config.use_cache = False` and its t
 
 Batch keys: `input_ids`, `labels` (-100 where no loss), `attention_mask` (not when packing), `position_ids` (packing),
 `loss_plan` (a `LossPlan`, not a tensor: what the loss would otherwise read back from the GPU), and when any sample
-has images `pixel_values` (B, N, 3, T, T) + `pixel_attention_mask` (B, N, T, T, bool) with all-zero padding tiles. With `pixels="uint8"`, `pixel_values` is a `UInt8Tiles` holder instead and `to_device`
-normalises it on the GPU; a model handed the holder directly fails with a message saying so.
+has images `pixel_values` (B, N, 3, T, T) + `pixel_attention_mask` (B, N, T, T, bool) with all-zero padding tiles.
+With `pixels="uint8"`, `pixel_values` is a `UInt8Tiles` holder instead and `to_device` normalises it on the GPU;
+a model handed the holder directly fails with a message saying so.
 """
 
 from __future__ import annotations
@@ -33,14 +34,13 @@ class LossPlan:
     waits per step, bench/RESULTS.md).
 
     columns: positions whose next token is labelled in some row (where logits are computed); label_tokens, tokens,
-    samples: counts for the loss and the throughput log; right_padded: every row holds its tokens first, so the
+    samples: counts for the loss and the throughput log. Rows are always padded on the right, so with a plan the
     causal mask alone hides the padding."""
 
     columns: tuple[int, ...]
     label_tokens: int
     tokens: int
     samples: int
-    right_padded: bool = True
 
 
 class UInt8Tiles:
@@ -107,11 +107,12 @@ class VisionChatCollator:
             return {}
         rows = _pack(encoded, self.max_length) if self.packing else [[e] for e in encoded]
         batch = self._assemble(rows)
+        plan = batch["loss_plan"]
         self.stats.add("batches")
         self.stats.add("rows", n=len(rows))
-        self.stats.add("tokens", n=sum(len(e) for e in encoded))
-        self.stats.add("loss tokens", n=int((batch["labels"] != IGNORE).sum()))
-        self.stats.add("padding tokens", n=int(batch["input_ids"].numel()) - sum(len(e) for e in encoded))
+        self.stats.add("tokens", n=plan.tokens)
+        self.stats.add("loss tokens", n=plan.label_tokens)
+        self.stats.add("padding tokens", n=int(batch["input_ids"].numel()) - plan.tokens)
         self.stats.flush()
         return batch
 

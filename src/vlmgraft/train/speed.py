@@ -7,9 +7,9 @@ bench/RESULTS.md), while flex attention's block mask skips the blocks between sa
 flex attention in the LLM and SDPA in the vision tower (whose tiles never mix); elsewhere SDPA (flex attention has
 no CPU backward).
 
-Compilation (`compile`, on by default on CUDA): every repeated block (LLM decoder layers, vision encoder layers) is compiled on its
-own, in place. Identical blocks share one compiled graph, so compiling costs one block's time instead of the whole
-model's, and a new sequence length recompiles one small graph once (then shapes go dynamic). transformers'
+Compilation (`compile`, on by default on CUDA): every repeated block (LLM decoder layers, vision encoder layers) is
+compiled on its own, in place. Identical blocks share one compiled graph, so compiling costs one block's time instead
+of the whole model's, and a new sequence length recompiles one small graph once (then shapes go dynamic). transformers'
 `TrainingArguments.torch_compile` compiles the whole model as one graph instead, and parameter names would gain an
 `_orig_mod.` prefix; an in-place `Module.compile()` keeps checkpoints and PEFT adapters unchanged.
 
@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from vlmgraft.errors import VlmgraftError
 from vlmgraft.graft.families import DonorFamily
+from vlmgraft.train.stages import unwrap_peft
 
 log = logging.getLogger(__name__)
 FLEX = "flex_attention"
@@ -58,7 +59,7 @@ def compile_by_default() -> bool:
 
 
 def repeated_blocks(model, family: DonorFamily) -> list[torch.nn.Module]:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT wrapper
+    base = unwrap_peft(model)
     return [block for path in (family.llm_layers, family.vision_layers) for block in base.get_submodule(path)]
 
 
@@ -86,7 +87,7 @@ def _patchify_forward(self, pixels: torch.Tensor) -> torch.Tensor:
 
 def patchify_with_matmul(model, family: DonorFamily) -> bool:
     """Run the vision patch embedding as reshape + matmul (same weights, same result); False when it does not fit."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap_peft(model)
     conv = base.get_submodule(family.vision_patch_embedding)
     fits = (isinstance(conv, torch.nn.Conv2d) and conv.kernel_size[0] == conv.kernel_size[1] == conv.stride[0]
             == conv.stride[1] and conv.groups == 1 and conv.dilation == (1, 1)
@@ -101,7 +102,7 @@ def settings_for_generation(model):
     """Generate answers mid-training with SDPA and without the compiled layers. Cached decoding would rebuild a flex
     block mask at every new token for nothing (one sample per row), and would recompile every layer for the new
     shapes and the cache object (one graph per layer index, minutes at the first sample callback)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap_peft(model)
     configs = [c for c in (base.config, getattr(base.config, "text_config", None),
                            getattr(base.config, "vision_config", None))
                if c is not None and c._attn_implementation == FLEX]

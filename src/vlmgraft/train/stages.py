@@ -59,6 +59,11 @@ def strip_peft(name: str) -> str:
     return name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
 
 
+def unwrap_peft(model):
+    """The transformers model inside a PEFT wrapper (module paths as the donor family declares them)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def param_group(family: DonorFamily, name: str) -> str:
     """Module group of a (possibly PEFT-wrapped) parameter name; LoRA weights count as the LLM's."""
     name = strip_peft(name).replace(".modules_to_save.default", "").replace(".original_module", "")

@@ -47,7 +47,7 @@ def label_only_loss(model, inputs: dict, num_items_in_batch=None, padding_mask: 
     inputs = dict(inputs)
     plan: LossPlan | None = inputs.pop("loss_plan", None)
     if not padding_mask:
-        if plan is not None and plan.right_padded:
+        if plan is not None:  # the collator's rows are always right-padded
             inputs.pop("attention_mask", None)
         else:
             inputs = dict(drop_right_padding_mask(inputs))
@@ -120,16 +120,9 @@ class GraftTrainer(Trainer):
         if plan is not None:  # counted by the collator on the CPU: nothing to read back from the GPU
             self._tokens += plan.tokens
             self._samples += plan.samples
-            return
-        ids, mask = inputs["input_ids"], inputs.get("attention_mask")
-        self._tokens += int(mask.sum()) if mask is not None else ids.numel()
-        if "position_ids" in inputs and mask is None:  # packed rows: every restart at 0 opens a sample
-            starts = int((inputs["position_ids"] == 0).sum())
-            pad_id = getattr(getattr(self.processing_class, "tokenizer", self.processing_class), "pad_token_id", None)
-            padded_rows = int((ids[:, -1] == pad_id).sum()) if pad_id is not None else 0  # padding opens one too
-            self._samples += starts - padded_rows
-        else:
-            self._samples += ids.shape[0]
+        else:  # a batch from another collator: rows and padded tokens
+            self._tokens += inputs["input_ids"].numel()
+            self._samples += inputs["input_ids"].shape[0]
 
     # -- optimiser ----------------------------------------------------------------------------------------------
     def create_optimizer(self, model=None):
