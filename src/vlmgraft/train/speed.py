@@ -14,8 +14,8 @@ of the whole model's, and a new sequence length recompiles one small graph once 
 `_orig_mod.` prefix; an in-place `Module.compile()` keeps checkpoints and PEFT adapters unchanged.
 
 Patch embedding (on CUDA): a Conv2d whose stride equals its kernel is a matrix product over non-overlapping
-patches, but cuDNN ran it with a slow implicit-GEMM kernel (18 ms per step of 272 tiles, as long as all of the
-vision tower's attention; bench/RESULTS.md). `patchify_with_matmul` computes the same product with one reshape and
+patches, but cuDNN ran it with a slow implicit-GEMM kernel (18 ms per step of 272 tiles on an H100, 70% of the
+vision tower's attention time; bench/profile_align_b16_compiled.txt). `patchify_with_matmul` computes the same product with one reshape and
 one `F.linear` on the module's own weights, so nothing changes in the checkpoint.
 """
 
