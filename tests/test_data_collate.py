@@ -258,3 +258,21 @@ def test_collator_stats_add_up_across_workers(processor):
 
     report = data_report(ListDataset(samples), collator)
     assert "samples 8, batches 3" in report and "shapes-vqa-zh 8" in report
+
+
+def test_rows_rounded_up_to_a_multiple_keep_every_loss_and_the_config_key_is_checked(processor, tiny_graft):
+    from vlmgraft.errors import VlmgraftError
+    from vlmgraft.train.run import _pad_multiple
+
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_graft, dtype=torch.float32).eval()
+    samples = WORLD.vqa_samples(3, "en", "mixed")
+    plain, rounded = (VisionChatCollator(processor, max_length=400)(samples),
+                      VisionChatCollator(processor, max_length=400, pad_to_multiple_of=64)(samples))
+    assert rounded["input_ids"].shape[1] % 64 == 0 and rounded["input_ids"].shape[1] > plain["input_ids"].shape[1]
+    assert rounded["loss_plan"].label_tokens == plain["loss_plan"].label_tokens
+    with torch.no_grad():
+        torch.testing.assert_close(_per_token_loss(model, rounded).sum(1), _per_token_loss(model, plain).sum(1))
+    assert (_pad_multiple("auto", cuda=True), _pad_multiple("auto", cuda=False), _pad_multiple("8", False)) == (64, 1, 8)
+    with pytest.raises(VlmgraftError, match="data_settings.pad_to_multiple_of"):
+        _pad_multiple("sixty", cuda=True)

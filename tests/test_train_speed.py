@@ -14,6 +14,7 @@ from vlmgraft.train.speed import (
     FLEX,
     attention_for,
     compile_regions,
+    fuse_mlp_gelu,
     patchify_with_matmul,
     settings_for_generation,
 )
@@ -98,7 +99,7 @@ def test_compiled_layers_train_the_same_and_keep_checkpoint_names(tiny_graft, st
     names = set(compiled.state_dict())
     config = compiled.config
     assert compile_regions(compiled, SMOLVLM) == (config.text_config.num_hidden_layers
-                                                  + config.vision_config.num_hidden_layers)
+                                                  + config.vision_config.num_hidden_layers + 1)  # + connector
     assert set(compiled.state_dict()) == names  # no _orig_mod. prefix: checkpoints and merges are unchanged
     for side in ("right", "left"):  # two batch shapes: a recompile, then the same results again
         batch = _padded_batch(processor, side)
@@ -127,6 +128,77 @@ def test_patch_embedding_as_matmul_equals_the_convolution(tiny_graft):
         assert patchify_with_matmul(model, SMOLVLM)
         torch.testing.assert_close(conv(pixels), reference, rtol=1e-5, atol=1e-5)
     assert set(dict(conv.named_parameters())) == {"weight", "bias"}  # same weights, same checkpoint
+
+
+def test_vision_mlp_with_gelu_in_the_matmul_matches_and_leaves_trained_layers_to_autograd(tiny_graft):
+    model = AutoModelForImageTextToText.from_pretrained(tiny_graft, dtype=torch.float32)
+    layers = model.get_submodule(SMOLVLM.vision_layers)
+    layers[0].mlp.activation_fn = torch.nn.ReLU()  # not tanh-GELU: must be left alone
+    hidden = torch.randn(2, 5, layers[1].mlp.fc1.in_features)
+    with torch.no_grad():
+        reference = [layer.mlp(hidden) for layer in layers]
+    assert fuse_mlp_gelu(model, SMOLVLM) == len(layers) - 1
+    with torch.no_grad():
+        # On the CPU `_addmm_activation` applies the exact GELU (CUDA: tanh, the MLP's own): equal up to 1e-3.
+        for layer, expected in zip(layers, reference, strict=True):
+            torch.testing.assert_close(layer.mlp(hidden), expected, rtol=1e-3, atol=1e-3)
+    trained = layers[-1].mlp
+    out = trained(hidden.requires_grad_())  # gradients wanted: the layer's own autograd path, bit for bit
+    torch.testing.assert_close(out, reference[-1], rtol=0, atol=0)
+    out.sum().backward()
+    assert trained.fc1.weight.grad is not None and hidden.grad is not None
+    assert set(dict(trained.named_parameters())) == {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"}
+
+
+@pytest.mark.parametrize("pixels", ["processor", "uint8"])
+def test_image_features_placed_from_the_plan_match_transformers_path(tiny_graft, monkeypatch, pixels):
+    """Rows with different tile counts (so padding tiles) and a text-only row: the plan's index path gives
+    transformers' loss and gradients, and never calls transformers' image path (which reads from the GPU)."""
+    from vlmgraft.data.collate import VisionChatCollator
+    from vlmgraft.data.sample import Sample
+    from vlmgraft.data.shapes import ShapesWorld
+    from vlmgraft.train.image_inputs import images_into_embeddings
+
+    processor = AutoProcessor.from_pretrained(tiny_graft)
+    samples = (ShapesWorld(image_size=64, seed=4).vqa_samples(2, "en", "colour")
+               + ShapesWorld(image_size=(200, 90), seed=5).vqa_samples(1, "en", "colour")
+               + [Sample(messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}])])
+    collator = VisionChatCollator(processor, max_length=1024, pixels=pixels)
+    batch = collator.to_device(collator(samples), "cpu")
+    plan = batch["loss_plan"]
+    assert plan.tile_index.numel() < batch["pixel_values"].shape[0] * batch["pixel_values"].shape[1]  # padding tiles
+    model = _align_model(tiny_graft)
+    assert images_into_embeddings(model, batch["input_ids"], batch["pixel_values"], plan) is not None
+    reference = _loss_and_grads(model, {k: v for k, v in batch.items() if k != "loss_plan"})
+    monkeypatch.setattr(type(model.model), "get_image_features", lambda *a, **k: pytest.fail("transformers' path"))
+    planned = _loss_and_grads(model, batch)
+    torch.testing.assert_close(planned[0], reference[0])
+    assert planned[2].keys() == reference[2].keys() and planned[2]
+    for name, grad in reference[2].items():
+        torch.testing.assert_close(planned[2][name], grad)
+
+
+def test_trainer_runs_the_planned_image_path_under_the_models_autocast(tiny_graft, tmp_path):
+    """bf16 frozen weights, an fp32 connector: the Trainer autocasts only inside model.forward, and the planned image
+    path runs before it, so without the trainer's own autocast the connector's matmul meets bf16 inputs and fails."""
+    from transformers import TrainingArguments
+
+    from vlmgraft.data.collate import VisionChatCollator
+    from vlmgraft.data.shapes import ShapesWorld
+    from vlmgraft.train.trainer import GraftTrainer
+
+    processor = AutoProcessor.from_pretrained(tiny_graft)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_graft, dtype=torch.bfloat16, attn_implementation="sdpa")
+    config = TrainConfig(model="m", data="d", stage="align")
+    model, _ = prepare_model(model, SMOLVLM, config)
+    assert model.get_submodule(SMOLVLM.connector).modality_projection.proj.weight.dtype == torch.float32
+    args = TrainingArguments(output_dir=str(tmp_path), bf16=True, use_cpu=True, report_to=[])
+    collator = VisionChatCollator(processor, max_length=512)
+    trainer = GraftTrainer(model=model, args=args, data_collator=collator, family=SMOLVLM, graft_config=config)
+    batch = trainer._prepare_inputs(collator(ShapesWorld(image_size=64, seed=4).vqa_samples(2, "en", "colour")))
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    assert torch.isfinite(loss) and model.get_submodule(SMOLVLM.connector).modality_projection.proj.weight.grad is not None
 
 
 @pytest.mark.parametrize("packing", [False, True])

@@ -35,12 +35,16 @@ class LossPlan:
 
     columns: positions whose next token is labelled in some row (where logits are computed); label_tokens, tokens,
     samples: counts for the loss and the throughput log. Rows are always padded on the right, so with a plan the
-    causal mask alone hides the padding."""
+    causal mask alone hides the padding. image_positions: flat indices (row * width + column) of the image tokens;
+    tile_index: flat indices (row * tiles per row + tile) of the real tiles in `pixel_values`, in order (CPU int64
+    tensors; None without images): where vlmgraft.train.image_inputs puts each tile's features."""
 
     columns: tuple[int, ...]
     label_tokens: int
     tokens: int
     samples: int
+    image_positions: torch.Tensor | None = None
+    tile_index: torch.Tensor | None = None
 
 
 class UInt8Tiles:
@@ -139,17 +143,21 @@ class VisionChatCollator:
         else:
             batch["attention_mask"] = attention
         labelled = labels[:, 1:] != IGNORE
+        pixels, tile_index = self._pixels(rows)
+        image_positions = (input_ids.view(-1) == self.encoder.image_token_id).nonzero().squeeze(1) if pixels else None
         batch["loss_plan"] = LossPlan(columns=tuple(labelled.any(0).nonzero().squeeze(1).tolist()),
                                       label_tokens=int(labelled.sum()), tokens=sum(lengths),
-                                      samples=sum(len(row) for row in rows))
-        batch.update(self._pixels(rows))
+                                      samples=sum(len(row) for row in rows), image_positions=image_positions,
+                                      tile_index=tile_index)
+        batch.update(pixels)
         return batch
 
-    def _pixels(self, rows: list[list[Encoded]]) -> dict:
+    def _pixels(self, rows: list[list[Encoded]]) -> tuple[dict, torch.Tensor | None]:
         per_row = [[e.tiles for e in row if e.tiles is not None] for row in rows]
         counts = [sum(t.shape[0] for t in tiles) for tiles in per_row]
         if not any(counts):
-            return {}
+            return {}, None
+        tile_index = torch.tensor([r * max(counts) + i for r, count in enumerate(counts) for i in range(count)])
         first = next(t for tiles in per_row for t in tiles)
         values = torch.zeros((len(rows), max(counts), 3, self.tile, self.tile), dtype=first.dtype)
         tile_mask = torch.zeros((len(rows), max(counts)), dtype=torch.bool)
@@ -158,9 +166,9 @@ class VisionChatCollator:
                 torch.cat(tiles, out=values[r, : counts[r]])
                 tile_mask[r, : counts[r]] = True
         if self.pixels == "uint8":
-            return {"pixel_values": UInt8Tiles(values, tile_mask)}
+            return {"pixel_values": UInt8Tiles(values, tile_mask)}, tile_index
         mask = tile_mask[:, :, None, None].expand(-1, -1, self.tile, self.tile).contiguous()
-        return {"pixel_values": values, "pixel_attention_mask": mask}
+        return {"pixel_values": values, "pixel_attention_mask": mask}, tile_index
 
     def to_device(self, batch: dict, device, dtype: torch.dtype | None = None, non_blocking: bool = True) -> dict:
         """Move a batch to `device`; uint8 tiles become normalised `pixel_values` (in `dtype`, default float32)."""

@@ -13,6 +13,7 @@ tests; pixels differ only by the rounding of the uint8 resize.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 
@@ -138,11 +139,16 @@ def _interpolation(resample):
     return mode
 
 
+@functools.lru_cache(maxsize=8)
+def _channel_constants(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # Made once per device: building them every batch is a blocking host-to-GPU copy, a stall per training step.
+    return tuple(torch.tensor(v, dtype=torch.float32).view(1, 1, 3, 1, 1).to(device) for v in (mean, std))
+
+
 def normalize_tiles(tiles: torch.Tensor, tile_mask: torch.Tensor, mean, std, dtype: torch.dtype) -> torch.Tensor:
     """uint8 (B, N, 3, T, T) → normalised `dtype`; padding tiles (tile_mask False) stay exactly 0, which is how
     SmolVLM recognises them."""
-    mean_t = torch.tensor(mean, device=tiles.device, dtype=torch.float32).view(1, 1, 3, 1, 1)
-    std_t = torch.tensor(std, device=tiles.device, dtype=torch.float32).view(1, 1, 3, 1, 1)
+    mean_t, std_t = _channel_constants(tuple(mean), tuple(std), tiles.device)
     out = (tiles.float() / 255.0 - mean_t) / std_t
     out = out * tile_mask[:, :, None, None, None].to(out.dtype)
     return out.to(dtype)

@@ -52,6 +52,9 @@ class DataSettings:
     # "uint8": workers ship raw tiles and the GPU normalises them (less CPU, 4× less to copy); "processor": the
     # stock image processor in the workers; "auto": uint8 on CUDA, processor elsewhere.
     pixels: str = "auto"
+    # Rows are padded up to a multiple of this: fewer distinct batch shapes for the compiled layers, cuDNN's attention
+    # plans and the memory allocator to meet; "auto": 64 on CUDA, 1 (no rounding) elsewhere.
+    pad_to_multiple_of: str = "auto"  # or a number
 
 
 @dataclass

@@ -23,7 +23,7 @@ from vlmgraft.errors import VlmgraftError
 from vlmgraft.graft.families import family_for
 from vlmgraft.train.callbacks import CHECKPOINT_META, CheckpointMetadata, SampleAnswers
 from vlmgraft.train.config import TrainConfig, to_dict
-from vlmgraft.train.speed import attention_for, compile_by_default, compile_regions, patchify_with_matmul
+from vlmgraft.train.speed import attention_for, compile_by_default, compile_regions, fuse_mlp_gelu, patchify_with_matmul
 from vlmgraft.train.stages import prepare_model, trainable_table
 from vlmgraft.train.trainer import GraftTrainer
 
@@ -98,6 +98,9 @@ def _training_arguments(config: TrainConfig, has_eval: bool) -> TrainingArgument
         max_steps=config.max_steps, bf16=use_bf16, gradient_checkpointing=config.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
         logging_steps=config.logging_steps,
+        # The Trainer's NaN/inf filter reads every step's loss back from the GPU (two waits per step) to hide a
+        # non-finite loss from the log; a graft run wants that loss seen, and the GPU never waited on.
+        logging_nan_inf_filter=False,
         eval_strategy="steps" if has_eval else "no", eval_steps=config.eval_steps if has_eval else None,
         save_strategy="steps", save_steps=config.save_steps, save_total_limit=config.save_total_limit,
         load_best_model_at_end=has_eval, metric_for_best_model="eval_loss" if has_eval else None,
@@ -131,9 +134,20 @@ def _collator(processor, config: TrainConfig):
     from vlmgraft.data.collate import VisionChatCollator
 
     s = config.data_settings
-    pixels = s.pixels if s.pixels != "auto" else ("uint8" if torch.cuda.is_available() else "processor")
+    cuda = torch.cuda.is_available()
+    pixels = s.pixels if s.pixels != "auto" else ("uint8" if cuda else "processor")
     return VisionChatCollator(processor, max_length=s.max_length, loss_on=s.loss_on, overflow=s.overflow,
-                              packing=s.packing, enable_thinking=s.enable_thinking, pixels=pixels)
+                              packing=s.packing, enable_thinking=s.enable_thinking, pixels=pixels,
+                              pad_to_multiple_of=_pad_multiple(s.pad_to_multiple_of, cuda))
+
+
+def _pad_multiple(value: str, cuda: bool) -> int:
+    if value == "auto":
+        return 64 if cuda else 1
+    if not value.isdigit() or int(value) < 1:
+        raise VlmgraftError(f"config key 'data_settings.pad_to_multiple_of': expected 'auto' or a whole number >= 1, "
+                            f"got {value!r}")
+    return int(value)
 
 
 def train(config: TrainConfig, force: bool = False, callbacks: tuple = (), echo=print) -> TrainResult:
@@ -153,9 +167,10 @@ def train(config: TrainConfig, force: bool = False, callbacks: tuple = (), echo=
         model.enable_input_require_grads()
     if torch.cuda.is_available():
         patchify_with_matmul(model, family)
+        fuse_mlp_gelu(model, family)
     if config.compile if config.compile is not None else compile_by_default():
-        echo(f"compiling {compile_regions(model, family)} decoder/encoder layers one by one (the first steps are "
-             f"slower while they compile)")
+        echo(f"compiling {compile_regions(model, family)} regions one by one (decoder and encoder layers, the "
+             f"connector; the first steps are slower while they compile)")
 
     train_ds, eval_ds = _datasets(config)
     collator = _collator(processor, config)

@@ -1,4 +1,5 @@
-"""Training speed switches that change no result: which attention kernel each part uses, and regional compilation.
+"""Training speed switches that change no result (beyond float rounding): attention kernels, regional compilation,
+and two kernel substitutions in the vision tower.
 
 Attention (`attn_implementation: auto`): packed rows (`data_settings.packing`) hold several samples that must not
 see each other. transformers derives that block-diagonal mask from the position resets; with SDPA it becomes a dense
@@ -7,16 +8,21 @@ bench/RESULTS.md), while flex attention's block mask skips the blocks between sa
 flex attention in the LLM and SDPA in the vision tower (whose tiles never mix); elsewhere SDPA (flex attention has
 no CPU backward).
 
-Compilation (`compile`, on by default on CUDA): every repeated block (LLM decoder layers, vision encoder layers) is
-compiled on its own, in place. Identical blocks share one compiled graph, so compiling costs one block's time instead
-of the whole model's, and a new sequence length recompiles one small graph once (then shapes go dynamic). transformers'
-`TrainingArguments.torch_compile` compiles the whole model as one graph instead, and parameter names would gain an
-`_orig_mod.` prefix; an in-place `Module.compile()` keeps checkpoints and PEFT adapters unchanged.
+Compilation (`compile`, on by default on CUDA): every repeated block (LLM decoder layers, vision encoder layers) and
+the connector is compiled on its own, in place. Identical blocks share one compiled graph, so compiling costs one
+block's time instead of the whole model's, and a new sequence length recompiles one small graph once (then shapes go
+dynamic). transformers' `TrainingArguments.torch_compile` compiles the whole model as one graph instead, and
+parameter names would gain an `_orig_mod.` prefix; an in-place `Module.compile()` keeps checkpoints and PEFT adapters
+unchanged.
 
 Patch embedding (on CUDA): a Conv2d whose stride equals its kernel is a matrix product over non-overlapping
 patches, but cuDNN ran it with a slow implicit-GEMM kernel (18 ms per step of 272 tiles on an H100, 70% of the
-vision tower's attention time; bench/profile_align_b16_compiled.txt). `patchify_with_matmul` computes the same product with one reshape and
-one `F.linear` on the module's own weights, so nothing changes in the checkpoint.
+vision tower's attention time; bench/profile_align_b16_compiled.txt). `patchify_with_matmul` computes the same
+product with one reshape and one `F.linear` on the module's own weights, so nothing changes in the checkpoint.
+
+Vision MLP (on CUDA, frozen layers): the GELU after fc1 ran as its own kernel over a (272×1024, 3072) tensor, 1.2 ms
+per layer, a fifth of the layer's matmul time (bench/profile_train_run_b16.txt). `fuse_mlp_gelu` has the
+matmul apply bias and GELU in its epilogue. The MLP's activation is tanh-GELU, which is what cuBLASLt computes there.
 """
 
 from __future__ import annotations
@@ -64,15 +70,16 @@ def repeated_blocks(model, family: DonorFamily) -> list[torch.nn.Module]:
 
 
 def compile_regions(model, family: DonorFamily) -> int:
-    """Compile every LLM decoder layer and vision encoder layer in place; returns how many blocks were compiled."""
-    blocks = repeated_blocks(model, family)
+    """Compile every LLM decoder layer and vision encoder layer in place, and the connector (its pixel shuffle is two
+    permuted copies of the whole vision output when eager, one fused copy compiled); returns how many regions."""
+    blocks = repeated_blocks(model, family) + [unwrap_peft(model).get_submodule(family.connector)]
     # All blocks of one type share one code object and so one cache of compiled graphs: a static and a dynamic
     # graph for training, the same again for evaluation (no grad), per block type.
     config = torch._dynamo.config
     config.cache_size_limit = max(config.cache_size_limit, 16)
     for block in blocks:
         block.compile()
-    log.info("compiled %d blocks (regional torch.compile; the first steps include compilation)", len(blocks))
+    log.info("compiled %d regions (regional torch.compile; the first steps include compilation)", len(blocks))
     return len(blocks)
 
 
@@ -95,6 +102,33 @@ def patchify_with_matmul(model, family: DonorFamily) -> bool:
     if fits:
         conv.forward = types.MethodType(_patchify_forward, conv)
     return fits
+
+
+def _fused_mlp_forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    fc1 = self.fc1
+    if torch.is_grad_enabled() and (hidden.requires_grad or fc1.weight.requires_grad):
+        return self.fc2(self.activation_fn(fc1(hidden)))  # a trained layer: the autograd-aware path
+    flat = hidden.reshape(-1, hidden.shape[-1]).to(fc1.weight.dtype)
+    inner = torch._addmm_activation(fc1.bias, flat, fc1.weight.t(), use_gelu=True)
+    return self.fc2(inner.reshape(*hidden.shape[:-1], inner.shape[-1]))
+
+
+def fuse_mlp_gelu(model, family: DonorFamily) -> int:
+    """In vision layers that need no gradient, compute fc1's bias and tanh-GELU inside the matmul (cuBLASLt's GELU
+    epilogue, which PyTorch exposes as `_addmm_activation`; inductor keeps it as one kernel). Returns how many MLPs
+    were switched; CUDA only: on CUDA `_addmm_activation` applies the tanh GELU, elsewhere the exact one."""
+    probe = torch.linspace(-6, 6, 97)
+    switched = 0
+    for layer in unwrap_peft(model).get_submodule(family.vision_layers):
+        mlp = getattr(layer, "mlp", None)
+        fits = (mlp is not None and isinstance(getattr(mlp, "fc1", None), torch.nn.Linear)
+                and mlp.fc1.bias is not None and isinstance(getattr(mlp, "fc2", None), torch.nn.Module)
+                and callable(getattr(mlp, "activation_fn", None))
+                and torch.equal(mlp.activation_fn(probe), F.gelu(probe, approximate="tanh")))
+        if fits:
+            mlp.forward = types.MethodType(_fused_mlp_forward, mlp)
+            switched += 1
+    return switched
 
 
 @contextlib.contextmanager

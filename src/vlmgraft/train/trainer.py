@@ -23,6 +23,7 @@ from transformers import Trainer
 from vlmgraft.data.collate import LossPlan
 from vlmgraft.graft.families import DonorFamily
 from vlmgraft.train.config import TrainConfig
+from vlmgraft.train.image_inputs import images_into_embeddings, to_device
 from vlmgraft.train.stages import optimizer_groups
 
 log = logging.getLogger(__name__)
@@ -53,8 +54,14 @@ def label_only_loss(model, inputs: dict, num_items_in_batch=None, padding_mask: 
             inputs = dict(drop_right_padding_mask(inputs))
     labels = inputs.pop("labels")
     targets_all = labels[:, 1:]
+    if plan is not None and inputs.get("pixel_values") is not None:
+        embeds = images_into_embeddings(model, inputs["input_ids"], inputs["pixel_values"], plan)
+        if embeds is not None:
+            for key in ("input_ids", "pixel_values", "pixel_attention_mask"):
+                inputs.pop(key, None)
+            inputs["inputs_embeds"] = embeds
     if plan is not None:
-        keep = _to_device(torch.tensor(plan.columns or (0,), dtype=torch.long), labels.device)
+        keep = to_device(torch.tensor(plan.columns or (0,), dtype=torch.long), labels.device)
     else:
         keep = (targets_all != IGNORE).any(0).nonzero().squeeze(1)
         if keep.numel() == 0:  # nothing to learn in this batch: a zero loss that still touches the graph
@@ -69,13 +76,6 @@ def label_only_loss(model, inputs: dict, num_items_in_batch=None, padding_mask: 
     if isinstance(denominator, torch.Tensor):
         denominator = denominator.to(loss.device)
     return loss / denominator, count
-
-
-def _to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A small host tensor to `device` without waiting for the device (pinned + non-blocking on CUDA)."""
-    if device.type != "cuda":
-        return values.to(device)
-    return values.pin_memory().to(device, non_blocking=True)
 
 
 def noise_like_images(pixel_values: torch.Tensor) -> torch.Tensor:
@@ -110,10 +110,16 @@ class GraftTrainer(Trainer):
             return (loss, {"loss": loss}) if return_outputs else loss
         if model.training:
             self._count(inputs)
-        loss, _ = label_only_loss(model, inputs, num_items_in_batch)
+        loss, _ = self._label_only_loss(model, inputs, num_items_in_batch)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # the item count was summed over processes
         return (loss, {"loss": loss}) if return_outputs else loss
+
+    def _label_only_loss(self, model, inputs, num_items_in_batch=None):
+        # The Trainer autocasts inside model.forward only (accelerate wraps it); the image path of label_only_loss
+        # runs the vision tower and connector before that call, so it needs the same autocast around it.
+        with self.accelerator.autocast():
+            return label_only_loss(model, inputs, num_items_in_batch)
 
     def _count(self, inputs) -> None:
         plan = inputs.get("loss_plan")
@@ -161,9 +167,9 @@ class GraftTrainer(Trainer):
             if "pixel_values" not in batch:
                 continue
             with self.compute_loss_context_manager():
-                real += float(label_only_loss(model, batch)[0])
+                real += float(self._label_only_loss(model, batch)[0])
                 noisy = dict(batch, pixel_values=noise_like_images(batch["pixel_values"]))
-                noise += float(label_only_loss(model, noisy)[0])
+                noise += float(self._label_only_loss(model, noisy)[0])
             batches += 1
         model.train(was_training)
         if not batches:
