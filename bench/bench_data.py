@@ -5,8 +5,10 @@
     python bench/bench_data.py --rows 64 --workers 2 --seconds 10 --modes processor,uint8   # a quick CPU check
 
 The processor is real-size (SmolVLM2-256M image settings: tiles of 512 px, longest edge 2048, splitting on,
-image_seq_len 64) with the tiny Qwen3 tokenizer and the graft's template, so each sample is ~17 tiles ≈ 1100 image
-tokens, as in the Cauldron. Modes:
+image_seq_len 64) with the tiny Qwen3 tokenizer and the graft's template, so each sample is 17 tiles = 1088 image
+tokens + ~320 text tokens (template and tile markers included), the issue's Cauldron-like sample. Before
+2026-11-23 (second session) answers were 30-90 words, ~500 text tokens, so older rows of bench/RESULTS.md carried
+~1555 tokens per sample. Modes:
 - `processor`: the stock SmolVLM image processor in the workers, float32 tiles (what inference uses);
 - `processor-bf16`: the same, tiles cast to bf16 in the workers (half the bytes to move);
 - `uint8`: vlmgraft's fast path: PIL resizing in the workers, uint8 tiles, normalised on the GPU by
@@ -60,7 +62,7 @@ def write_parquet(path: Path, rows: int, width: int, height: int, seed: int = 0)
     texts = []
     for _ in range(rows):
         question = " ".join(rng.choice(WORDS, 12)) + "?"
-        answer = " ".join(rng.choice(WORDS, int(rng.integers(30, 90)))) + "."
+        answer = " ".join(rng.choice(WORDS, int(rng.integers(2, 20)))) + "."
         texts.append([{"user": question, "assistant": answer, "source": "bench"}])
     table = pa.table({"images": [[{"bytes": j, "path": None}] for j in jpegs], "texts": texts})
     pq.write_table(table, path, row_group_size=32)
@@ -78,7 +80,7 @@ def write_messages_jsonl(folder: Path, rows: int, width: int, height: int, seed:
         for i, jpeg in enumerate(jpegs):
             (folder / f"{i}.jpg").write_bytes(jpeg)
             question = " ".join(rng.choice(WORDS, 12)) + "?"
-            answer = " ".join(rng.choice(WORDS, int(rng.integers(30, 90)))) + "."
+            answer = " ".join(rng.choice(WORDS, int(rng.integers(2, 20)))) + "."
             f.write(json.dumps({"messages": [
                 {"role": "user", "content": [{"type": "image", "image": f"{i}.jpg"}, {"type": "text", "text": question}]},
                 {"role": "assistant", "content": answer}]}) + "\n")

@@ -26,7 +26,7 @@ from transformers import Qwen3Config, SmolVLMConfig, SmolVLMForConditionalGenera
 from vlmgraft.fixtures.models import real_size_qwen3_config, real_size_vision_config
 from vlmgraft.graft.families import SMOLVLM
 from vlmgraft.train.config import TrainConfig
-from vlmgraft.train.speed import compile_regions, patchify_with_matmul
+from vlmgraft.train.speed import compile_regions, fuse_mlp_gelu, patchify_with_matmul
 from vlmgraft.train.stages import prepare_model, unwrap_peft
 from vlmgraft.train.trainer import label_only_loss
 
@@ -129,6 +129,8 @@ def compile_parts(model, args) -> None:
         base.model.text_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if args.patchify:
         patchify_with_matmul(model, SMOLVLM)
+    if args.fuse_gelu:
+        fuse_mlp_gelu(model, SMOLVLM)
     if args.compile_regions:
         compile_regions(model, SMOLVLM)
     if args.compile:
@@ -183,14 +185,20 @@ def run_compute(args) -> dict:
 
 
 def profile_step(step, path: str) -> None:
-    """--profile FILE: the CUDA kernels of two steps, grouped by name, heaviest first (what to optimise next)."""
+    """--profile FILE: the CUDA kernels of two steps, grouped by name, heaviest first (what to optimise next), then
+    where the copies come from (Python stacks of aten::copy_ with their GPU time)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True, with_stack=True) as prof:
         for _ in range(2):
             step()
         torch.cuda.synchronize()
-    Path(path).write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=45, max_name_column_width=90))
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=60, max_name_column_width=90)
+    copies = sorted((e for e in prof.key_averages(group_by_input_shape=True, group_by_stack_n=6)
+                     if e.key == "aten::copy_"), key=lambda e: -e.device_time_total)[:12]
+    lines = [f"{e.device_time_total / 1e3:9.2f} ms GPU  x{e.count:<4} shapes {e.input_shapes}\n    "
+             + "\n    ".join(e.stack) for e in copies]
+    Path(path).write_text(table + "\n\naten::copy_ by stack (two steps):\n" + "\n".join(lines) + "\n")
 
 
 def split_times(model, batch: dict, step) -> dict:
@@ -228,6 +236,7 @@ def main() -> None:
     parser.add_argument("--compile-regions", action="store_true", help="compile each layer (vlmgraft's compile: true)")
     parser.add_argument("--attn", choices=["sdpa", "flex"], default="sdpa")
     parser.add_argument("--patchify", action="store_true", help="patch embedding as a matmul (vlmgraft on CUDA)")
+    parser.add_argument("--fuse-gelu", action="store_true", help="vision fc1 + GELU in one matmul (vlmgraft on CUDA)")
     parser.add_argument("--profile", default="", help="write a kernel table of two steps to this file")
     parser.add_argument("--padding-mask", action="store_true",
                         help="keep the right-padding attention mask (vlmgraft drops it: SDPA then runs flash)")

@@ -55,7 +55,7 @@ class ProfileSteps(TrainerCallback):
             from torch.profiler import ProfilerActivity, profile
 
             torch.cuda.synchronize()
-            self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True)
             self.prof.__enter__()
             self.began = time.perf_counter()
 
@@ -65,15 +65,32 @@ class ProfileSteps(TrainerCallback):
             wall = time.perf_counter() - self.began
             self.prof.__exit__(None, None, None)
             events = self.prof.key_averages()
-            # Kernels and copies are the events on the GPU; CPU-side ops also carry their kernels' time.
-            kernels = sum(e.self_device_time_total for e in events
-                          if e.device_type == torch.autograd.DeviceType.CUDA) / 1e6  # microseconds → s
+            kernels = busy_seconds(self.prof.events())
             head = (f"{self.count} steps: wall {wall:.3f} s, GPU kernels and copies {kernels:.3f} s "
                     f"({100 * kernels / wall:.0f}% busy)\n\n")
             by_cpu = events.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70)
             by_gpu = events.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70)
-            Path(self.path).write_text(head + "By CPU time:\n" + by_cpu + "\nBy GPU time:\n" + by_gpu)
+            by_shape = sorted((e for e in self.prof.key_averages(group_by_input_shape=True)
+                               if "attention" in e.key or e.key in ("aten::copy_", "aten::mm")),
+                              key=lambda e: -e.cpu_time_total)[:20]
+            shapes = "".join(f"{e.key:45} x{e.count:<5} CPU {e.cpu_time_total / 1e3:8.2f} ms  GPU "
+                             f"{e.device_time_total / 1e3:8.2f} ms  {e.input_shapes}\n" for e in by_shape)
+            Path(self.path).write_text(head + "By CPU time:\n" + by_cpu + "\nBy GPU time:\n" + by_gpu
+                                       + "\nAttention, copies and matmuls by input shape (CPU-heaviest):\n" + shapes)
             self.prof = None
+
+
+def busy_seconds(events) -> float:
+    """Time the GPU ran anything: the union of kernel and copy intervals (summing per-name totals counts an event
+    listed under two names twice)."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in events
+                   if e.device_type == torch.autograd.DeviceType.CUDA)
+    busy, reach = 0.0, float("-inf")
+    for start, end in spans:
+        if end > reach:
+            busy += end - max(start, reach)
+            reach = end
+    return busy / 1e6  # microseconds → s
 
 
 class Windows(TrainerCallback):
@@ -94,7 +111,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--compile", action="store_true", help="compile the layers (default: on where supported)")
     parser.add_argument("--packing", action="store_true")
-    parser.add_argument("--profile", default="", help="write a profile of steps 20-22 to this file")
+    parser.add_argument("--profile", default="", help="write a profile of three steps from the middle of the run to this file")
     args = parser.parse_args()
     graft = ensure_graft(args.root)
     data_dir = args.root / "data"
@@ -111,7 +128,7 @@ def main() -> None:
     torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     logged = Windows()
-    callbacks = (logged, ProfileSteps(args.profile)) if args.profile else (logged,)
+    callbacks = (logged, ProfileSteps(args.profile, start=args.steps // 2)) if args.profile else (logged,)
     train(config, force=True, callbacks=callbacks, echo=lambda *a: print(*a, file=sys.stderr))
     windows = logged.seen
     print(json.dumps({

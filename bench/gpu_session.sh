@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmark session as run on the lent H100 (see bench/RESULTS.md). Usage: bash bench/gpu_session.sh PART
 # PART: build-train | data-e2e | memory-finetune | serve | speed-train[-2|-3] | serve-and-profile | serve-compile |
-# full-stage | product-e2e (not run yet). Carried wheels in .whl/ are installed to /tmp/site first.
+# full-stage | product-e2e | fused-gelu | spec-data | shapes | no-reads | final. Carried wheels in .whl/ are installed to /tmp/site first.
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false TRANSFORMERS_VERBOSITY=error
 if [ -d .whl ]; then
@@ -68,9 +68,37 @@ case "${1:-}" in
     ;;
   product-e2e)
     # align and finetune end to end through vlmgraft.train.run.train (LossPlan, non-blocking copies, compile on)
-    LIMIT=200 run python3 bench/bench_train_run.py --root /tmp/vg-real --batch 16 --workers 12 --steps 40
+    LIMIT=240 run python3 bench/bench_train_run.py --root /tmp/vg-real --batch 16 --workers 12 --steps 40 --profile "$OUT/profile_train_run_b16.txt"
     LIMIT=200 run python3 bench/bench_train_run.py --root /tmp/vg-real --batch 8 --workers 12 --steps 40 --stage finetune
-    LIMIT=170 run python3 bench/bench_train_run.py --root /tmp/vg-real --batch 16 --workers 12 --steps 40 --packing --profile "$OUT/profile_train_run_packed.txt"
+    ;;
+  fused-gelu)
+    # the vision MLP's GELU in fc1's matmul epilogue: compute-only with a profile, then the product end to end
+    LIMIT=150 run python3 bench/bench_train.py --mode ours --batch 16 --compile-regions --patchify --fuse-gelu --steps 10 --profile "$OUT/profile_align_b16_fused_gelu.txt"
+    LIMIT=200 run python3 bench/bench_train_run.py --root /tmp/vg-real --batch 16 --workers 12 --steps 80
+    LIMIT=200 run python3 bench/bench_train_run.py --root /tmp/vg-real --batch 8 --workers 12 --steps 80 --stage finetune
+    ;;
+  spec-data)
+    # texts sized to the issue's sample (1088 image tokens + ~300 text tokens); connector compiled too
+    LIMIT=200 run python3 bench/bench_train_run.py --root /tmp/vg-real --batch 16 --workers 12 --steps 80
+    LIMIT=200 run python3 bench/bench_train_run.py --root /tmp/vg-real --batch 8 --workers 12 --steps 60 --stage finetune --profile "$OUT/profile_train_run_finetune_b8.txt"
+    LIMIT=150 run python3 bench/bench_train.py --mode ours --batch 8 --stage finetune --compile-regions --patchify --fuse-gelu --steps 10
+    LIMIT=150 run python3 bench/bench_train.py --mode ours --batch 16 --compile-regions --patchify --fuse-gelu --steps 10
+    ;;
+  shapes)
+    # rows rounded up to 64 tokens + expandable segments (then in train(); dropped after this: no gain); last run: off
+    LIMIT=200 run python3 bench/bench_train_run.py --root /tmp/vg-real --batch 8 --workers 12 --steps 60 --stage finetune --profile "$OUT/profile_train_run_finetune_b8_pad64.txt"
+    LIMIT=200 run python3 bench/bench_train_run.py --root /tmp/vg-real --batch 16 --workers 12 --steps 80
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:False LIMIT=200 run python3 bench/bench_train_run.py --root /tmp/vg-real --batch 8 --workers 12 --steps 60 --stage finetune
+    ;;
+  no-reads)
+    # the image path placed from the collator's plan (vlmgraft.train.image_inputs): no GPU reads in the step's forward
+    LIMIT=200 run python3 bench/bench_train_run.py --root /tmp/vg-real --batch 8 --workers 12 --steps 60 --stage finetune --profile "$OUT/profile_train_run_finetune_b8_noreads.txt"
+    LIMIT=200 run python3 bench/bench_train_run.py --root /tmp/vg-real --batch 16 --workers 12 --steps 80
+    ;;
+  final)
+    # the product's defaults after this session's changes (plan-placed images, no NaN-filter reads, cached constants)
+    LIMIT=200 run python3 bench/bench_train_run.py --root /tmp/vg-real --batch 16 --workers 12 --steps 80 --profile "$OUT/profile_train_run_align_b16_final.txt"
+    LIMIT=200 run python3 bench/bench_train_run.py --root /tmp/vg-real --batch 8 --workers 12 --steps 60 --stage finetune
     ;;
   serve)
     LIMIT=560 run python3 bench/bench_serve.py
