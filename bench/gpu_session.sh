@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmark session as run on the lent H100 (see bench/RESULTS.md). Usage: bash bench/gpu_session.sh PART
 # PART: build-train | data-e2e | memory-finetune | serve | speed-train[-2|-3] | serve-and-profile | serve-compile |
-# full-stage | product-e2e | fused-gelu | spec-data | shapes | no-reads | final. Carried wheels in .whl/ are installed to /tmp/site first.
+# full-stage | product-e2e | fused-gelu | spec-data | shapes | no-reads | final | batch32. Carried wheels in .whl/ are installed to /tmp/site first.
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false TRANSFORMERS_VERBOSITY=error
 if [ -d .whl ]; then
@@ -99,6 +99,10 @@ case "${1:-}" in
     # the product's defaults after this session's changes (plan-placed images, no NaN-filter reads, cached constants)
     LIMIT=200 run python3 bench/bench_train_run.py --root /tmp/vg-real --batch 16 --workers 12 --steps 80 --profile "$OUT/profile_train_run_align_b16_final.txt"
     LIMIT=200 run python3 bench/bench_train_run.py --root /tmp/vg-real --batch 8 --workers 12 --steps 60 --stage finetune
+    ;;
+  batch32)
+    # the final code at batch 32 (per-step fixed costs over twice the samples)
+    LIMIT=240 run python3 bench/bench_train_run.py --root /tmp/vg-real --batch 32 --workers 14 --steps 50
     ;;
   serve)
     LIMIT=560 run python3 bench/bench_serve.py
