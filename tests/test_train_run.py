@@ -131,6 +131,8 @@ def test_two_cpu_processes_see_different_data_and_match_one_process(tiny_graft, 
     single = [json.loads(line) for line in (one / "rank0.jsonl").read_text().splitlines()]
     assert [sorted(a + b) for a, b in zip(rank0, rank1, strict=True)] == \
         [sorted(single[2 * i] + single[2 * i + 1]) for i in range(3)]  # same global batches
+    for rank in (0, 1):  # the features were placed from the collator's plan, outside DDP's forward
+        assert set((two / f"placed{rank}.txt").read_text().split()) == {"plan"}
     two_losses = json.loads((two / "run" / "losses.json").read_text())
     one_losses = json.loads((one / "run" / "losses.json").read_text())
     assert two_losses == pytest.approx(one_losses, rel=1e-4)

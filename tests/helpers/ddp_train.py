@@ -1,4 +1,5 @@
-"""Run by torchrun in tests/test_train_run.py: a tiny align run that records which samples each rank collated."""
+"""Run by torchrun in tests/test_train_run.py: a tiny align run that records which samples each rank collated and
+which image path its steps took."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import vlmgraft.train.run as run  # noqa: E402
+import vlmgraft.train.trainer as trainer_module  # noqa: E402
 from vlmgraft.train.config import load_config, parse_overrides  # noqa: E402
 
 
@@ -31,6 +33,15 @@ def main() -> None:
         return collate
 
     run._collator = recording_collator
+    place = trainer_module.images_into_embeddings
+
+    def recording_place(*args, **kwargs):  # which image path each rank's steps took
+        embeds = place(*args, **kwargs)
+        with open(os.path.join(record_dir, f"placed{os.environ.get('RANK', '0')}.txt"), "a") as f:
+            f.write(("plan" if embeds is not None else "transformers") + "\n")
+        return embeds
+
+    trainer_module.images_into_embeddings = recording_place
     result = run.train(config, echo=lambda *_: None)
     if int(os.environ.get("RANK", "0")) == 0:
         losses = [e["loss"] for e in json.loads((result.output_dir / "trainer_state.json").read_text())["log_history"]
