@@ -33,16 +33,6 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
 
 
 @dataclass
-class SamplingDefaults:
-    """What an unset field means: the model's own generation config, as other OpenAI-compatible servers do."""
-
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    max_tokens: int = 1024
-
-
-@dataclass
 class ChatRequest:
     model: str
     conversation: list[dict]  # HF chat messages; image parts are {"type": "image"}
@@ -103,7 +93,7 @@ def _content_parts(content: Any, index: int) -> tuple[list[dict] | str | None, l
     return parts, urls
 
 
-def parse_chat_request(body: Any, defaults: SamplingDefaults) -> ChatRequest:
+def parse_chat_request(body: Any, defaults: SamplingParams) -> ChatRequest:
     if not isinstance(body, dict):
         raise _bad("the request body must be a JSON object", None)
     model = body.get("model")
@@ -154,7 +144,7 @@ def parse_chat_request(body: Any, defaults: SamplingDefaults) -> ChatRequest:
                    "stream_options" if not isinstance(options, dict) else "chat_template_kwargs")
     temperature = _number(body, "temperature", 0.0, 2.0, defaults.temperature)
     top_p = _number(body, "top_p", 0.0, 1.0, defaults.top_p)
-    params = SamplingParams(max_new_tokens=max_tokens or defaults.max_tokens, temperature=temperature,
+    params = SamplingParams(max_new_tokens=max_tokens or defaults.max_new_tokens, temperature=temperature,
                             top_p=top_p if top_p > 0 else 1e-6, top_k=max(0, top_k), seed=seed,
                             stop=list(stop or []))
     return ChatRequest(model, conversation, image_urls, params, max_tokens is not None, bool(stream),

@@ -34,10 +34,9 @@ class ServeOptions:
 
 def sampling_defaults(model, max_tokens: int):
     """The model's generation config decides what an unset temperature/top_p/top_k means."""
-    from vlmgraft.infer.openai_api import SamplingDefaults
-    from vlmgraft.infer.sampling import model_sampling_defaults
+    from vlmgraft.infer.sampling import SamplingParams, model_sampling_defaults
 
-    return SamplingDefaults(**model_sampling_defaults(model), max_tokens=max_tokens)
+    return SamplingParams(**model_sampling_defaults(model), max_new_tokens=max_tokens)
 
 
 def build_app(options: ServeOptions, model=None, processor=None):

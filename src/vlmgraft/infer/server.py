@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from vlmgraft.infer import openai_api as api
 from vlmgraft.infer.images import ImageError, ImagePolicy, load_image
 from vlmgraft.infer.prompts import ReasoningSplitter, prepare, split_reasoning
+from vlmgraft.infer.sampling import SamplingParams
 from vlmgraft.infer.worker import EngineWorker, StreamEvent
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,8 @@ class ServerState:
     worker: EngineWorker
     image_policy: ImagePolicy = field(default_factory=ImagePolicy)
     api_key: str | None = None
-    defaults: api.SamplingDefaults = field(default_factory=api.SamplingDefaults)
+    # what an unset field of a request means (serve fills it from the model's generation config)
+    defaults: SamplingParams = field(default_factory=lambda: SamplingParams(max_new_tokens=1024))
     aliases: tuple[str, ...] = ()
     device: str = "cpu"
     max_body_bytes: int = 64 * 1024 * 1024
