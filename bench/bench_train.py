@@ -27,7 +27,7 @@ from vlmgraft.fixtures.models import real_size_qwen3_config, real_size_vision_co
 from vlmgraft.graft.families import SMOLVLM
 from vlmgraft.train.config import TrainConfig
 from vlmgraft.train.speed import compile_regions, fuse_mlp_gelu, patchify_with_matmul
-from vlmgraft.train.stages import prepare_model, unwrap_peft
+from vlmgraft.train.stages import prepare_model, unwrap_model
 from vlmgraft.train.trainer import label_only_loss
 
 IMAGE_TOKEN = 151655
@@ -106,7 +106,7 @@ def synthetic_batch(batch: int, packing: bool, pad_to: int | None, rng: torch.Ge
 def flops_per_sample(model, stage: str) -> float:
     """Dense matmul FLOPs: forward 2·N·tokens per frozen part; backward adds 2·N·T for input gradients and 2·N·T for
     weight gradients where weights train. Attention score FLOPs are included for the vision tower (1024 patches)."""
-    model = unwrap_peft(model)
+    model = unwrap_model(model)
     vision_n = sum(p.numel() for p in model.model.vision_model.parameters())
     text_n = sum(p.numel() for n, p in model.model.text_model.named_parameters()
                  if "embed_tokens" not in n and "lora_" not in n)
@@ -124,7 +124,7 @@ def compile_parts(model, args) -> None:
     """--compile: the text model as one graph (and, with --compile-vision, the vision tower); --compile-regions:
     every decoder/encoder layer on its own, as `vlmgraft train` does with `compile: true`; --checkpointing: recompute
     LLM activations in backward instead of storing them."""
-    base = unwrap_peft(model)
+    base = unwrap_model(model)
     if args.checkpointing:
         base.model.text_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if args.patchify:
@@ -203,7 +203,7 @@ def profile_step(step, path: str) -> None:
 
 def split_times(model, batch: dict, step) -> dict:
     """Where a step's time goes: the vision tower + connector forward alone vs. the whole step (median of 3)."""
-    base = unwrap_peft(model)
+    base = unwrap_model(model)
 
     def timed(fn) -> float:
         times = []

@@ -9,34 +9,27 @@ needed to queue the LLM's LoRA-laden layers, so the GPU then waited for the CPU.
 The collator already knows where the real tiles and the image tokens are (its LossPlan). `images_into_embeddings`
 runs the same modules as transformers (patch embeddings, encoder, post-norm, connector) on those tiles and writes
 the features into the token embeddings with index operations, whose backward reads nothing back either. Batches
-without a plan and models of another layout take transformers' own path.
+without a plan and models of another layout take transformers' own path. Under DDP the vision tower and connector
+then run outside DistributedDataParallel.forward; their gradients are still averaged, since DDP's reducer hooks each
+trained parameter's gradient whatever computed it, and every trained parameter gets one in each backward here.
 """
 
 from __future__ import annotations
 
 import torch
 
-from vlmgraft.train.stages import unwrap_peft
+from vlmgraft.train.stages import unwrap_model
 
 
-def to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+def to_device_nonblocking(values: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A small host tensor to `device` without waiting for the device (pinned + non-blocking on CUDA)."""
     if device.type != "cuda":
         return values.to(device)
     return values.pin_memory().to(device, non_blocking=True)
 
 
-def _unwrap(model):
-    """The transformers model inside DDP and PEFT wrappers. Under DDP the vision tower and connector then run outside
-    DistributedDataParallel.forward; their gradients are still averaged, since DDP's reducer hooks each trained
-    parameter's gradient whatever computed it, and every trained parameter gets one in each backward here."""
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        model = model.module
-    return unwrap_peft(model)
-
-
 def _smolvlm_parts(model):
-    inner = getattr(_unwrap(model), "model", None)
+    inner = getattr(unwrap_model(model), "model", None)
     vision, connector = getattr(inner, "vision_model", None), getattr(inner, "connector", None)
     if vision is None or connector is None:
         return None
@@ -55,7 +48,7 @@ def images_into_embeddings(model, input_ids: torch.Tensor, pixel_values: torch.T
     device = input_ids.device
     tiles = pixel_values.flatten(0, 1)
     if plan.tile_index.numel() != tiles.shape[0]:  # some rows have padding tiles
-        tiles = tiles.index_select(0, to_device(plan.tile_index, device))
+        tiles = tiles.index_select(0, to_device_nonblocking(plan.tile_index, device))
     embedding = vision.embeddings
     tiles = tiles.to(embedding.patch_embedding.weight.dtype)
     # The collator's real tiles are whole (its pixel mask is all true there), so every patch is real.
@@ -64,9 +57,9 @@ def images_into_embeddings(model, input_ids: torch.Tensor, pixel_values: torch.T
                          device=device)
     hidden = vision.encoder(inputs_embeds=embedding(pixel_values=tiles, patch_attention_mask=patches)).last_hidden_state
     features = connector(vision.post_layernorm(hidden))
-    embeds = _unwrap(model).get_input_embeddings()(input_ids)
+    embeds = unwrap_model(model).get_input_embeddings()(input_ids)
     width = embeds.shape[-1]
     # index_copy checks on the CPU that there are as many features as image tokens (shapes only, no GPU read).
-    merged = embeds.reshape(-1, width).index_copy(0, to_device(plan.image_positions, device),
+    merged = embeds.reshape(-1, width).index_copy(0, to_device_nonblocking(plan.image_positions, device),
                                                   features.reshape(-1, width).to(embeds.dtype))
     return merged.view_as(embeds)

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from vlmgraft.errors import VlmgraftError
 from vlmgraft.graft.families import DonorFamily
-from vlmgraft.train.stages import unwrap_peft
+from vlmgraft.train.stages import unwrap_model
 
 log = logging.getLogger(__name__)
 FLEX = "flex_attention"
@@ -65,14 +65,14 @@ def compile_by_default() -> bool:
 
 
 def repeated_blocks(model, family: DonorFamily) -> list[torch.nn.Module]:
-    base = unwrap_peft(model)
+    base = unwrap_model(model)
     return [block for path in (family.llm_layers, family.vision_layers) for block in base.get_submodule(path)]
 
 
 def compile_regions(model, family: DonorFamily) -> int:
     """Compile every LLM decoder layer and vision encoder layer in place, and the connector (its pixel shuffle is two
     permuted copies of the whole vision output when eager, one fused copy compiled); returns how many regions."""
-    blocks = repeated_blocks(model, family) + [unwrap_peft(model).get_submodule(family.connector)]
+    blocks = repeated_blocks(model, family) + [unwrap_model(model).get_submodule(family.connector)]
     # All blocks of one type share one code object and so one cache of compiled graphs: a static and a dynamic
     # graph for training, the same again for evaluation (no grad), per block type.
     config = torch._dynamo.config
@@ -94,7 +94,7 @@ def _patchify_forward(self, pixels: torch.Tensor) -> torch.Tensor:
 
 def patchify_with_matmul(model, family: DonorFamily) -> bool:
     """Run the vision patch embedding as reshape + matmul (same weights, same result); False when it does not fit."""
-    base = unwrap_peft(model)
+    base = unwrap_model(model)
     conv = base.get_submodule(family.vision_patch_embedding)
     fits = (isinstance(conv, torch.nn.Conv2d) and conv.kernel_size[0] == conv.kernel_size[1] == conv.stride[0]
             == conv.stride[1] and conv.groups == 1 and conv.dilation == (1, 1)
@@ -119,7 +119,7 @@ def fuse_mlp_gelu(model, family: DonorFamily) -> int:
     were switched; CUDA only: on CUDA `_addmm_activation` applies the tanh GELU, elsewhere the exact one."""
     probe = torch.linspace(-6, 6, 97)
     switched = 0
-    for layer in unwrap_peft(model).get_submodule(family.vision_layers):
+    for layer in unwrap_model(model).get_submodule(family.vision_layers):
         mlp = getattr(layer, "mlp", None)
         fits = (mlp is not None and isinstance(getattr(mlp, "fc1", None), torch.nn.Linear)
                 and mlp.fc1.bias is not None and isinstance(getattr(mlp, "fc2", None), torch.nn.Module)
@@ -136,7 +136,7 @@ def settings_for_generation(model):
     """Generate answers mid-training with SDPA and without the compiled layers. Cached decoding would rebuild a flex
     block mask at every new token for nothing (one sample per row), and would recompile every layer for the new
     shapes and the cache object (one graph per layer index, minutes at the first sample callback)."""
-    base = unwrap_peft(model)
+    base = unwrap_model(model)
     configs = [c for c in (base.config, getattr(base.config, "text_config", None),
                            getattr(base.config, "vision_config", None))
                if c is not None and c._attn_implementation == FLEX]

@@ -59,8 +59,10 @@ def strip_peft(name: str) -> str:
     return name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
 
 
-def unwrap_peft(model):
-    """The transformers model inside a PEFT wrapper (module paths as the donor family declares them)."""
+def unwrap_model(model):
+    """The transformers model inside DDP and PEFT wrappers (module paths as the donor family declares them)."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 

@@ -23,7 +23,7 @@ from transformers import Trainer
 from vlmgraft.data.collate import LossPlan
 from vlmgraft.graft.families import DonorFamily
 from vlmgraft.train.config import TrainConfig
-from vlmgraft.train.image_inputs import images_into_embeddings, to_device
+from vlmgraft.train.image_inputs import images_into_embeddings, to_device_nonblocking
 from vlmgraft.train.stages import optimizer_groups
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ def label_only_loss(model, inputs: dict, num_items_in_batch=None, padding_mask: 
                 inputs.pop(key, None)
             inputs["inputs_embeds"] = embeds
     if plan is not None:
-        keep = to_device(torch.tensor(plan.columns or (0,), dtype=torch.long), labels.device)
+        keep = to_device_nonblocking(torch.tensor(plan.columns or (0,), dtype=torch.long), labels.device)
     else:
         keep = (targets_all != IGNORE).any(0).nonzero().squeeze(1)
         if keep.numel() == 0:  # nothing to learn in this batch: a zero loss that still touches the graph
