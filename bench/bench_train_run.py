@@ -93,6 +93,43 @@ def busy_seconds(events) -> float:
     return busy / 1e6  # microseconds → s
 
 
+class SyncStacks(TrainerCallback):
+    """--sync-debug FILE: PyTorch's CUDA sync debug mode over steps [start, start + count); every operation that
+    makes the CPU wait for the GPU is written to FILE with the Python stack that issued it (one wait per step
+    leaves the GPU idle while the CPU queues the next kernels)."""
+
+    def __init__(self, path: str, start: int = 20, count: int = 2):
+        self.path, self.start, self.count = path, start, count
+        self.seen: dict[str, int] = {}
+        self.saved = None
+
+    def _show(self, message, category, filename, lineno, file=None, line=None):
+        import traceback
+
+        stack = "".join(traceback.format_stack()[:-2][-14:])
+        key = f"{message}\n{stack}"
+        self.seen[key] = self.seen.get(key, 0) + 1
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        import warnings
+
+        if state.global_step == self.start:
+            self.saved = warnings.showwarning
+            warnings.simplefilter("always")
+            warnings.showwarning = self._show
+            torch.cuda.set_sync_debug_mode("warn")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        import warnings
+
+        if state.global_step == self.start + self.count and self.saved is not None:
+            torch.cuda.set_sync_debug_mode("default")
+            warnings.showwarning = self.saved
+            self.saved = None
+            text = "".join(f"--- x{n} over {self.count} steps\n{key}\n" for key, n in self.seen.items())
+            Path(self.path).write_text(text or f"no synchronising operation in {self.count} steps\n")
+
+
 class Windows(TrainerCallback):
     def __init__(self):
         self.seen: list[tuple[float, float]] = []
@@ -112,6 +149,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="compile the layers (default: on where supported)")
     parser.add_argument("--packing", action="store_true")
     parser.add_argument("--profile", default="", help="write a profile of three steps from the middle of the run to this file")
+    parser.add_argument("--sync-debug", default="", help="write every CPU-GPU synchronisation of two steps, with its "
+                        "stack, to this file")
     args = parser.parse_args()
     graft = ensure_graft(args.root)
     data_dir = args.root / "data"
@@ -129,6 +168,8 @@ def main() -> None:
     started = time.perf_counter()
     logged = Windows()
     callbacks = (logged, ProfileSteps(args.profile, start=args.steps // 2)) if args.profile else (logged,)
+    if args.sync_debug:
+        callbacks += (SyncStacks(args.sync_debug, start=args.steps // 2 + 4),)
     train(config, force=True, callbacks=callbacks, echo=lambda *a: print(*a, file=sys.stderr))
     windows = logged.seen
     print(json.dumps({

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmark session as run on the lent H100 (see bench/RESULTS.md). Usage: bash bench/gpu_session.sh PART
 # PART: build-train | data-e2e | memory-finetune | serve | speed-train[-2|-3] | serve-and-profile | serve-compile |
-# full-stage | product-e2e | fused-gelu | spec-data | shapes | no-reads | final | batch32. Carried wheels in .whl/ are installed to /tmp/site first.
+# full-stage | product-e2e | fused-gelu | spec-data | shapes | no-reads | final | batch32 | sync-find | overlap. Carried wheels in .whl/ are installed to /tmp/site first.
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false TRANSFORMERS_VERBOSITY=error
 if [ -d .whl ]; then
@@ -103,6 +103,23 @@ case "${1:-}" in
   batch32)
     # the final code at batch 32 (per-step fixed costs over twice the samples)
     LIMIT=240 run python3 bench/bench_train_run.py --root /tmp/vg-real --batch 32 --workers 14 --steps 50
+    ;;
+  sync-find)
+    # which operation makes the CPU wait for the GPU once per step (sync debug mode, with stacks), for the code in
+    # BASE_SRC (a copy of an earlier commit's src/, when given) and for this tree, which is also profiled
+    [ -n "${BASE_SRC:-}" ] && PYTHONPATH=/tmp/site:$BASE_SRC:$PWD/bench LIMIT=230 run python3 bench/bench_train_run.py --root /tmp/vg-real --batch 16 --workers 12 --steps 60 --sync-debug "$OUT/syncs_base.txt"
+    LIMIT=280 run python3 bench/bench_train_run.py --root /tmp/vg-real --batch 16 --workers 12 --steps 80 --profile "$OUT/profile_align_b16.txt" --sync-debug "$OUT/syncs.txt"
+    ;;
+  overlap)
+    # no packed-row check (no wait per step), tiles copied on a side stream, one normalisation kernel, the frozen
+    # encoder compiled whole: align at 16 (profiled), 32 and the default 4, finetune at 8; then BASE_SRC's code
+    R="python3 bench/bench_train_run.py --root /tmp/vg-real --workers 12"
+    LIMIT=200 run $R --batch 16 --steps 80 --profile "$OUT/profile_align_b16_overlap.txt" --sync-debug "$OUT/syncs_overlap.txt"
+    LIMIT=200 run $R --batch 32 --steps 50
+    LIMIT=200 run $R --batch 8 --steps 60 --stage finetune
+    LIMIT=150 run $R --batch 4 --steps 60
+    [ -n "${BASE_SRC:-}" ] && PYTHONPATH=/tmp/site:$BASE_SRC:$PWD/bench LIMIT=200 run $R --batch 32 --steps 50
+    [ -n "${BASE_SRC:-}" ] && PYTHONPATH=/tmp/site:$BASE_SRC:$PWD/bench LIMIT=200 run $R --batch 8 --steps 60 --stage finetune
     ;;
   serve)
     LIMIT=560 run python3 bench/bench_serve.py

@@ -276,3 +276,18 @@ def test_rows_rounded_up_to_a_multiple_keep_every_loss_and_the_config_key_is_che
     assert (_pad_multiple("auto", cuda=True), _pad_multiple("auto", cuda=False), _pad_multiple("8", False)) == (64, 1, 8)
     with pytest.raises(VlmgraftError, match="data_settings.pad_to_multiple_of"):
         _pad_multiple("sixty", cuda=True)
+
+
+def test_the_gpu_normalisation_kernel_computes_what_eager_does():
+    """On CUDA `to_device` normalises with one compiled kernel; compiled here for the CPU, it must give eager's
+    values, with padding tiles exactly 0."""
+    from vlmgraft.data.tiles import _channel_constants, _fused_normalize, _normalize
+
+    tiles = torch.randint(0, 256, (2, 3, 3, 8, 8), dtype=torch.uint8)
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    mean, std = _channel_constants((0.48, 0.46, 0.41), (0.27, 0.26, 0.28), torch.device("cpu"))
+    for dtype in (torch.float32, torch.bfloat16):
+        eager, fused = _normalize(tiles, mask, mean, std, dtype), _fused_normalize()(tiles, mask, mean, std, dtype)
+        assert fused.dtype == dtype
+        torch.testing.assert_close(fused, eager, rtol=1e-6, atol=1e-6)
+        assert (fused[0, 2] == 0).all() and (fused[1, 1:] == 0).all() and (fused[0, 0] != 0).any()

@@ -98,8 +98,9 @@ def test_compiled_layers_train_the_same_and_keep_checkpoint_names(tiny_graft, st
     eager, compiled = _align_model(tiny_graft, stage), _align_model(tiny_graft, stage)
     names = set(compiled.state_dict())
     config = compiled.config
-    assert compile_regions(compiled, SMOLVLM) == (config.text_config.num_hidden_layers
-                                                  + config.vision_config.num_hidden_layers + 1)  # + connector
+    # align trains nothing in the vision encoder: one region for it, for fusion across its layers
+    vision_regions = 1 if stage == "align" else config.vision_config.num_hidden_layers
+    assert compile_regions(compiled, SMOLVLM) == config.text_config.num_hidden_layers + vision_regions + 1  # connector
     assert set(compiled.state_dict()) == names  # no _orig_mod. prefix: checkpoints and merges are unchanged
     for side in ("right", "left"):  # two batch shapes: a recompile, then the same results again
         batch = _padded_batch(processor, side)
@@ -202,8 +203,11 @@ def test_trainer_runs_the_planned_image_path_under_the_models_autocast(tiny_graf
 
 
 @pytest.mark.parametrize("packing", [False, True])
-def test_the_collators_loss_plan_gives_the_loss_computed_from_the_gpu_tensors(tiny_graft, packing):
-    """The step reads nothing back from the GPU when the collator's plan is there, and computes the same loss."""
+def test_the_collators_loss_plan_gives_the_loss_computed_from_the_gpu_tensors(tiny_graft, packing, monkeypatch):
+    """The step reads nothing back from the GPU when the collator's plan is there, and computes the same loss. Rows
+    of one sample skip transformers' packed-row check (an `if` on a GPU value); packed rows need it."""
+    import transformers.masking_utils as masking
+
     from vlmgraft.data.collate import VisionChatCollator
     from vlmgraft.data.shapes import ShapesWorld
 
@@ -212,8 +216,27 @@ def test_the_collators_loss_plan_gives_the_loss_computed_from_the_gpu_tensors(ti
     batch = VisionChatCollator(processor, max_length=512, packing=packing)(samples)
     without_plan = {k: v for k, v in batch.items() if k != "loss_plan"}
     model = _align_model(tiny_graft)
-    planned, computed = _loss_and_grads(model, batch), _loss_and_grads(model, without_plan)
+    computed = _loss_and_grads(model, without_plan)
+    checks = []
+    find_packed = masking.find_packed_sequence_indices
+    monkeypatch.setattr(masking, "find_packed_sequence_indices", lambda ids: checks.append(1) or find_packed(ids))
+    planned = _loss_and_grads(model, batch)
+    assert bool(checks) == packing
     assert planned[1] == computed[1] == batch["loss_plan"].label_tokens > 0
     torch.testing.assert_close(planned[0], computed[0])
     for name, grad in computed[2].items():
         torch.testing.assert_close(planned[2][name], grad)
+
+
+def test_causal_flag_alone_only_where_it_is_the_whole_mask(tiny_graft):
+    from types import SimpleNamespace
+
+    from vlmgraft.train.trainer import causal_only_masks
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_graft, attn_implementation="sdpa")
+    assert causal_only_masks(model) == {"full_attention": None}
+    model.config.text_config._attn_implementation = "eager"  # eager attention adds the mask itself: none = no mask
+    assert causal_only_masks(model) is None
+    sliding = SimpleNamespace(config=SimpleNamespace(_attn_implementation="sdpa",
+                                                     layer_types=["sliding_attention", "full_attention"]))
+    assert causal_only_masks(sliding) is None

@@ -16,6 +16,7 @@ a model handed the holder directly fails with a message saying so.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -170,13 +171,22 @@ class VisionChatCollator:
         mask = tile_mask[:, :, None, None].expand(-1, -1, self.tile, self.tile).contiguous()
         return {"pixel_values": values, "pixel_attention_mask": mask}, tile_index
 
-    def to_device(self, batch: dict, device, dtype: torch.dtype | None = None, non_blocking: bool = True) -> dict:
-        """Move a batch to `device`; uint8 tiles become normalised `pixel_values` (in `dtype`, default float32)."""
+    def to_device(self, batch: dict, device, dtype: torch.dtype | None = None, non_blocking: bool = True,
+                  copy_stream: torch.cuda.Stream | None = None) -> dict:
+        """Move a batch to `device`; uint8 tiles become normalised `pixel_values` (in `dtype`, default float32).
+        `copy_stream` (CUDA): copy the tiles on that stream, so the copy (~5 ms for 272 tiles on an H200) runs
+        beside the kernels already queued instead of after them; the current stream waits for it before normalising."""
         out = {k: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v for k, v in batch.items()}
         if isinstance(out.get("pixel_values"), UInt8Tiles):
             pending = out["pixel_values"]
-            tiles = pending.tiles.to(device, non_blocking=non_blocking)
-            tile_mask = pending.tile_mask.to(device, non_blocking=non_blocking)
+            with torch.cuda.stream(copy_stream) if copy_stream is not None else contextlib.nullcontext():
+                tiles = pending.tiles.to(device, non_blocking=non_blocking)
+                tile_mask = pending.tile_mask.to(device, non_blocking=non_blocking)
+            if copy_stream is not None:
+                current = torch.cuda.current_stream(tiles.device)
+                current.wait_stream(copy_stream)
+                for moved in (tiles, tile_mask):  # their memory came from the copy stream's pool
+                    moved.record_stream(current)
             images = self.encoder.images
             out["pixel_values"] = normalize_tiles(tiles, tile_mask, images.mean, images.std, dtype or torch.float32)
             out["pixel_attention_mask"] = tile_mask[:, :, None, None].expand(-1, -1, self.tile, self.tile).contiguous()

@@ -145,10 +145,30 @@ def _channel_constants(mean: tuple, std: tuple, device: torch.device) -> tuple[t
     return tuple(torch.tensor(v, dtype=torch.float32).view(1, 1, 3, 1, 1).to(device) for v in (mean, std))
 
 
-def normalize_tiles(tiles: torch.Tensor, tile_mask: torch.Tensor, mean, std, dtype: torch.dtype) -> torch.Tensor:
-    """uint8 (B, N, 3, T, T) → normalised `dtype`; padding tiles (tile_mask False) stay exactly 0, which is how
-    SmolVLM recognises them."""
-    mean_t, std_t = _channel_constants(tuple(mean), tuple(std), tiles.device)
+def _normalize(tiles, tile_mask, mean_t, std_t, dtype: torch.dtype) -> torch.Tensor:
     out = (tiles.float() / 255.0 - mean_t) / std_t
     out = out * tile_mask[:, :, None, None, None].to(out.dtype)
     return out.to(dtype)
+
+
+@functools.lru_cache(maxsize=1)
+def _fused_normalize():
+    # Eager, these are six passes over the batch's pixels in float32 (an H100 profile showed three full-size
+    # copies per step besides the arithmetic, bench/RESULTS.md); compiled, one kernel reads uint8 and writes
+    # `dtype`, computing in float32 as eager does.
+    return torch.compile(_normalize, dynamic=True)
+
+
+@functools.lru_cache(maxsize=1)
+def _has_triton() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
+
+
+def normalize_tiles(tiles: torch.Tensor, tile_mask: torch.Tensor, mean, std, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 (B, N, 3, T, T) → normalised `dtype`; padding tiles (tile_mask False) stay exactly 0, which is how
+    SmolVLM recognises them. On CUDA one compiled kernel does it."""
+    mean_t, std_t = _channel_constants(tuple(mean), tuple(std), tiles.device)
+    normalize = _fused_normalize() if tiles.is_cuda and _has_triton() else _normalize
+    return normalize(tiles, tile_mask, mean_t, std_t, dtype)

@@ -11,9 +11,9 @@ no CPU backward).
 Compilation (`compile`, on by default on CUDA): every repeated block (LLM decoder layers, vision encoder layers) and
 the connector is compiled on its own, in place. Identical blocks share one compiled graph, so compiling costs one
 block's time instead of the whole model's, and a new sequence length recompiles one small graph once (then shapes go
-dynamic). transformers' `TrainingArguments.torch_compile` compiles the whole model as one graph instead, and
-parameter names would gain an `_orig_mod.` prefix; an in-place `Module.compile()` keeps checkpoints and PEFT adapters
-unchanged.
+dynamic). A vision encoder that trains nothing (`align`) is compiled whole instead, for the fusion across layers.
+transformers' `TrainingArguments.torch_compile` compiles the whole model as one graph instead, and parameter names
+would gain an `_orig_mod.` prefix; an in-place `Module.compile()` keeps checkpoints and PEFT adapters unchanged.
 
 Patch embedding (on CUDA): a Conv2d whose stride equals its kernel is a matrix product over non-overlapping
 patches, but cuDNN ran it with a slow implicit-GEMM kernel (18 ms per step of 272 tiles on an H100, 70% of the
@@ -64,15 +64,22 @@ def compile_by_default() -> bool:
             and torch.cuda.get_device_capability() >= (7, 0))
 
 
-def repeated_blocks(model, family: DonorFamily) -> list[torch.nn.Module]:
+def compiled_regions(model, family: DonorFamily) -> list[torch.nn.Module]:
+    """What `compile_regions` compiles: each LLM decoder layer, the vision encoder (whole when nothing in it trains,
+    else layer by layer) and the connector."""
     base = unwrap_model(model)
-    return [block for path in (family.llm_layers, family.vision_layers) for block in base.get_submodule(path)]
+    encoder = base.get_submodule(family.vision_layers.rpartition(".")[0])
+    frozen = not any(p.requires_grad for p in encoder.parameters())
+    vision = [encoder] if frozen else list(base.get_submodule(family.vision_layers))
+    return [*base.get_submodule(family.llm_layers), *vision, base.get_submodule(family.connector)]
 
 
 def compile_regions(model, family: DonorFamily) -> int:
-    """Compile every LLM decoder layer and vision encoder layer in place, and the connector (its pixel shuffle is two
-    permuted copies of the whole vision output when eager, one fused copy compiled); returns how many regions."""
-    blocks = repeated_blocks(model, family) + [unwrap_model(model).get_submodule(family.connector)]
+    """Compile the regions of `compiled_regions` in place; returns how many. A frozen encoder is one region because
+    inductor then fuses each layer's last residual add into the next layer's first norm (one pass over the
+    (tiles×1024, 768) activations instead of two, per layer); a trained layer's backward needs the layer boundary
+    kept anyway. The connector's pixel shuffle is two permuted copies of the vision output when eager, one compiled."""
+    blocks = compiled_regions(model, family)
     # All blocks of one type share one code object and so one cache of compiled graphs: a static and a dynamic
     # graph for training, the same again for evaluation (no grad), per block type.
     config = torch._dynamo.config

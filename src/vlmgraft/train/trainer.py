@@ -5,7 +5,7 @@
    The stock model already supports this through `logits_to_keep` with an index tensor, so no forward is rewritten.
 2. Per-module-group learning rates and LoRA+ through `create_optimizer`.
 3. Right-padded batches go without an attention mask (the causal mask already hides the padding), so SDPA keeps
-   its flash kernel.
+   its flash kernel; rows of one sample each also skip transformers' check for packed rows, a GPU read per step.
 4. The does-it-see probe: at each evaluation, the eval loss with the real images vs. the same batches with the
    images replaced by noise. A graft whose images never reach the LLM shows a gap of ~0 — the classic silent failure.
 """
@@ -24,7 +24,7 @@ from vlmgraft.data.collate import LossPlan
 from vlmgraft.graft.families import DonorFamily
 from vlmgraft.train.config import TrainConfig
 from vlmgraft.train.image_inputs import images_into_embeddings, to_device_nonblocking
-from vlmgraft.train.stages import optimizer_groups
+from vlmgraft.train.stages import optimizer_groups, unwrap_model
 
 log = logging.getLogger(__name__)
 IGNORE = -100
@@ -38,6 +38,18 @@ def drop_right_padding_mask(inputs: dict) -> dict:
     if mask is None or mask.dim() != 2 or not bool((mask[:, 1:] <= mask[:, :-1]).all()):
         return inputs  # left padding or holes: keep the mask
     return {k: v for k, v in inputs.items() if k != "attention_mask"}
+
+
+def causal_only_masks(model) -> dict | None:
+    """The LLM's mask mapping for rows of one sample each under SDPA: no mask, SDPA's own causal flag. Without it
+    transformers builds the mask itself and, finding no attention mask, checks the positions for packed rows with
+    an `if` on a GPU value: the CPU waits there each step until the vision tower has run. None where the causal
+    flag alone would be wrong (eager attention needs a real mask, sliding-window layers need theirs)."""
+    config = getattr(getattr(model, "config", None), "text_config", None) or getattr(model, "config", None)
+    kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
+    if getattr(config, "_attn_implementation", None) != "sdpa" or kinds != {"full_attention"}:
+        return None
+    return {"full_attention": None}
 
 
 def label_only_loss(model, inputs: dict, num_items_in_batch=None, padding_mask: bool = False
@@ -60,6 +72,10 @@ def label_only_loss(model, inputs: dict, num_items_in_batch=None, padding_mask: 
             for key in ("input_ids", "pixel_values", "pixel_attention_mask"):
                 inputs.pop(key, None)
             inputs["inputs_embeds"] = embeds
+    if plan is not None and "position_ids" not in inputs and inputs.get("attention_mask") is None:
+        masks = causal_only_masks(unwrap_model(model))  # rows are one sample each: packed rows carry positions
+        if masks is not None:
+            inputs["attention_mask"] = masks
     if plan is not None:
         keep = to_device_nonblocking(torch.tensor(plan.columns or (0,), dtype=torch.long), labels.device)
     else:
@@ -95,14 +111,22 @@ class GraftTrainer(Trainer):
         self._samples = 0
         self._window_start = time.perf_counter()
         self.vision_gaps: list[tuple[int, float]] = []
+        self._tiles_stream: torch.cuda.Stream | None = None  # made at the first CUDA batch
 
     # -- loss ---------------------------------------------------------------------------------------------------
     def _prepare_inputs(self, inputs):
         # uint8 tiles (the collator's fast path) are normalised on the device, not in the DataLoader workers.
         if inputs and not isinstance(inputs.get("pixel_values", None), (torch.Tensor, type(None))):
             dtype = torch.bfloat16 if self.args.bf16 else None
-            inputs = self.data_collator.to_device(inputs, self.args.device, dtype)
+            inputs = self.data_collator.to_device(inputs, self.args.device, dtype, copy_stream=self._copy_stream())
         return super()._prepare_inputs(inputs)
+
+    def _copy_stream(self) -> torch.cuda.Stream | None:
+        if self.args.device.type != "cuda":
+            return None
+        if self._tiles_stream is None:
+            self._tiles_stream = torch.cuda.Stream(self.args.device)
+        return self._tiles_stream
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not inputs:  # every sample of this batch was skipped (unreadable images): a step that changes nothing
