@@ -86,8 +86,9 @@ class TrainConfig:
     # "auto": flex attention in the LLM for packed batches on CUDA, else SDPA (vlmgraft.train.speed says why);
     # or any transformers implementation name (sdpa, eager, flex_attention, flash_attention_2).
     attn_implementation: str = "auto"
-    # Compile each decoder/encoder layer (regional torch.compile, vlmgraft.train.speed); None: on CUDA GPUs that
-    # inductor supports. It doubled align throughput on an H100 for ~25 s of compilation at the start.
+    # Compile each decoder layer, the vision encoder (whole when frozen) and the GPU's tile normalisation (regional
+    # torch.compile, vlmgraft.train.speed); None: on CUDA GPUs that inductor supports. It doubled align throughput on
+    # an H100 for ~25 s of compilation at the start.
     compile: bool | None = None
     quantize_4bit: bool = False  # QLoRA: 4-bit base weights through bitsandbytes (CUDA only)
     seed: int = 42

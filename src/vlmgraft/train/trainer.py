@@ -118,7 +118,8 @@ class GraftTrainer(Trainer):
         # uint8 tiles (the collator's fast path) are normalised on the device, not in the DataLoader workers.
         if inputs and not isinstance(inputs.get("pixel_values", None), (torch.Tensor, type(None))):
             dtype = torch.bfloat16 if self.args.bf16 else None
-            inputs = self.data_collator.to_device(inputs, self.args.device, dtype, copy_stream=self._copy_stream())
+            inputs = self.data_collator.to_device(inputs, self.args.device, dtype, copy_stream=self._copy_stream(),
+                                                  fused=self.graft_config.compile is not False)
         return super()._prepare_inputs(inputs)
 
     def _copy_stream(self) -> torch.cuda.Stream | None:
