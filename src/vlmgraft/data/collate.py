@@ -172,11 +172,11 @@ class VisionChatCollator:
         return {"pixel_values": values, "pixel_attention_mask": mask}, tile_index
 
     def to_device(self, batch: dict, device, dtype: torch.dtype | None = None, non_blocking: bool = True,
-                  copy_stream: torch.cuda.Stream | None = None, fused: bool = True) -> dict:
+                  copy_stream: torch.cuda.Stream | None = None, fused: bool = False) -> dict:
         """Move a batch to `device`; uint8 tiles become normalised `pixel_values` (in `dtype`, default float32).
         `copy_stream` (CUDA): copy the tiles on that stream, so the copy (~5 ms for 272 tiles on an H200) runs
         beside the kernels already queued instead of after them; the current stream waits for it before normalising.
-        `fused`: normalise with one compiled kernel on CUDA (`normalize_tiles`)."""
+        `fused`: normalise with one compiled kernel on CUDA (`normalize_tiles`; the trainer passes `compile`)."""
         out = {k: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v for k, v in batch.items()}
         if isinstance(out.get("pixel_values"), UInt8Tiles):
             pending = out["pixel_values"]

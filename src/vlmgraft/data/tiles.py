@@ -159,17 +159,10 @@ def _fused_normalize():
     return torch.compile(_normalize, dynamic=True)
 
 
-@functools.lru_cache(maxsize=1)
-def _has_triton() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("triton") is not None
-
-
 def normalize_tiles(tiles: torch.Tensor, tile_mask: torch.Tensor, mean, std, dtype: torch.dtype,
-                    fused: bool = True) -> torch.Tensor:
+                    fused: bool = False) -> torch.Tensor:
     """uint8 (B, N, 3, T, T) → normalised `dtype`; padding tiles (tile_mask False) stay exactly 0, which is how
-    SmolVLM recognises them. On CUDA one compiled kernel does it unless `fused` is False (compiling switched off)."""
+    SmolVLM recognises them. `fused` (where inductor can compile): one compiled kernel on CUDA."""
     mean_t, std_t = _channel_constants(tuple(mean), tuple(std), tiles.device)
-    normalize = _fused_normalize() if fused and tiles.is_cuda and _has_triton() else _normalize
+    normalize = _fused_normalize() if fused and tiles.is_cuda else _normalize
     return normalize(tiles, tile_mask, mean_t, std_t, dtype)

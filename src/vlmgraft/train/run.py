@@ -23,7 +23,7 @@ from vlmgraft.errors import VlmgraftError
 from vlmgraft.graft.families import family_for
 from vlmgraft.train.callbacks import CHECKPOINT_META, CheckpointMetadata, SampleAnswers
 from vlmgraft.train.config import TrainConfig, to_dict
-from vlmgraft.train.speed import attention_for, compile_by_default, compile_regions, fuse_mlp_gelu, patchify_with_matmul
+from vlmgraft.train.speed import attention_for, compile_enabled, compile_regions, fuse_mlp_gelu, patchify_with_matmul
 from vlmgraft.train.stages import prepare_model, trainable_table
 from vlmgraft.train.trainer import GraftTrainer
 
@@ -168,7 +168,7 @@ def train(config: TrainConfig, force: bool = False, callbacks: tuple = (), echo=
     if torch.cuda.is_available():
         patchify_with_matmul(model, family)
         fuse_mlp_gelu(model, family)
-    if config.compile if config.compile is not None else compile_by_default():
+    if compile_enabled(config.compile):
         echo(f"compiling {compile_regions(model, family)} regions one by one (decoder layers, the vision encoder or "
              f"its layers, the connector; the first steps are slower while they compile)")
 

@@ -64,6 +64,11 @@ def compile_by_default() -> bool:
             and torch.cuda.get_device_capability() >= (7, 0))
 
 
+def compile_enabled(setting: bool | None) -> bool:
+    """The `compile` setting resolved: as given, or `compile_by_default()` when unset."""
+    return compile_by_default() if setting is None else setting
+
+
 def compiled_regions(model, family: DonorFamily) -> list[torch.nn.Module]:
     """What `compile_regions` compiles: each LLM decoder layer, the vision encoder (whole when nothing in it trains,
     else layer by layer) and the connector."""

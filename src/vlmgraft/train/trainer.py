@@ -24,6 +24,7 @@ from vlmgraft.data.collate import LossPlan
 from vlmgraft.graft.families import DonorFamily
 from vlmgraft.train.config import TrainConfig
 from vlmgraft.train.image_inputs import images_into_embeddings, to_device_nonblocking
+from vlmgraft.train.speed import compile_enabled
 from vlmgraft.train.stages import optimizer_groups, unwrap_model
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,7 @@ class GraftTrainer(Trainer):
         self._window_start = time.perf_counter()
         self.vision_gaps: list[tuple[int, float]] = []
         self._tiles_stream: torch.cuda.Stream | None = None  # made at the first CUDA batch
+        self._fused_normalize = compile_enabled(graft_config.compile)
 
     # -- loss ---------------------------------------------------------------------------------------------------
     def _prepare_inputs(self, inputs):
@@ -119,7 +121,7 @@ class GraftTrainer(Trainer):
         if inputs and not isinstance(inputs.get("pixel_values", None), (torch.Tensor, type(None))):
             dtype = torch.bfloat16 if self.args.bf16 else None
             inputs = self.data_collator.to_device(inputs, self.args.device, dtype, copy_stream=self._copy_stream(),
-                                                  fused=self.graft_config.compile is not False)
+                                                  fused=self._fused_normalize)
         return super()._prepare_inputs(inputs)
 
     def _copy_stream(self) -> torch.cuda.Stream | None:
