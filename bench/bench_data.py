@@ -20,6 +20,7 @@ summary line. Needs: torch, transformers, pillow, pyarrow, num2words; not `datas
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import io
 import json
 import os
@@ -29,7 +30,8 @@ import time
 from multiprocessing import Pool
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout without installing
+if importlib.util.find_spec("vlmgraft") is None:  # run from a checkout without installing; an installed or
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # PYTHONPATH-given vlmgraft wins
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

@@ -144,7 +144,7 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=Path("/tmp/vg-real"))
     parser.add_argument("--stage", default="align")
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--workers", type=int, default=12)
+    parser.add_argument("--workers", default="auto", help="DataLoader workers (default: the product's auto)")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--compile", action="store_true", help="compile the layers (default: on where supported)")
     parser.add_argument("--packing", action="store_true")
@@ -161,7 +161,7 @@ def main() -> None:
     config = TrainConfig(model=str(graft), data=str(mixture), output_dir=str(args.root / "run"), stage=args.stage,
                          per_device_train_batch_size=args.batch, max_steps=args.steps, logging_steps=5,
                          save_steps=10**6, num_sample_images=0, report_to=[], compile=args.compile or None)
-    config.data_settings.num_workers = args.workers
+    config.data_settings.num_workers = int(args.workers) if args.workers.isdigit() else args.workers
     config.data_settings.eval_size = 0
     config.data_settings.packing = args.packing
     torch.cuda.reset_peak_memory_stats()

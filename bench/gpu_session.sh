@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmark session as run on the lent H100 or H200 (see bench/RESULTS.md). Usage: bash bench/gpu_session.sh PART
 # PART: build-train | data-e2e | memory-finetune | serve | speed-train[-2|-3] | serve-and-profile | serve-compile |
-# full-stage | product-e2e | fused-gelu | spec-data | shapes | no-reads | final | batch32 | sync-find | overlap. Carried wheels in .whl/ are installed to /tmp/site first.
+# full-stage | product-e2e | fused-gelu | spec-data | shapes | no-reads | final | batch32 | sync-find | overlap | text-kernels | host-bound | hwc-tiles | ab-base. Carried wheels in .whl/ are installed to /tmp/site first.
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false TRANSFORMERS_VERBOSITY=error
 if [ -d .whl ]; then
@@ -120,6 +120,46 @@ case "${1:-}" in
     LIMIT=150 run $R --batch 4 --steps 60
     [ -n "${BASE_SRC:-}" ] && PYTHONPATH=/tmp/site:$BASE_SRC:$PWD/bench LIMIT=200 run $R --batch 32 --steps 50
     [ -n "${BASE_SRC:-}" ] && PYTHONPATH=/tmp/site:$BASE_SRC:$PWD/bench LIMIT=200 run $R --batch 8 --steps 60 --stage finetune
+    ;;
+  text-kernels)
+    # SDPA kernels at the training shapes, then align with the LLM's attention on PyTorch's flash kernel vs. the
+    # default order (cuDNN on Hopper), and finetune on flash
+    LIMIT=150 run python3 bench/bench_attention.py
+    # (the two runs with flash attention in the LLM, part 22, used a switch removed after them: `--text-sdpa
+    # FLASH_ATTENTION` set the LLM's SDPA priority, via a wrapper around its forward)
+    ;;
+  host-bound)
+    # is align held back by the host (data workers, launches) rather than the GPU? the CPU, the data pipeline alone
+    # at 12 and 15 workers, then align profiled at 12 workers and at 15
+    (nproc; lscpu | grep -E 'Model name|MHz|Thread|Socket'; cat /proc/loadavg; free -g | head -2) | tee -a "$OUT/env.txt"
+    LIMIT=90 run python3 bench/bench_data.py --workers 12 --seconds 20 --rows 128 --batch 16 --modes uint8
+    LIMIT=90 run python3 bench/bench_data.py --workers 15 --seconds 20 --rows 128 --batch 16 --modes uint8
+    R="python3 bench/bench_train_run.py --root /tmp/vg-real"
+    LIMIT=200 run $R --workers 12 --batch 16 --steps 80 --profile "$OUT/profile_align_b16_w12.txt"
+    LIMIT=170 run $R --workers 15 --batch 16 --steps 80
+    ;;
+  hwc-tiles)
+    # tiles cut and shipped channels-last (planar on the GPU), loader workers "auto"; BASE_SRC (.base: the commit
+    # before) for the data pipeline and the old defaults (batch 4, 4 workers)
+    python3 -c "import torch; t = torch.zeros(2, 3, 4, 4, 3, dtype=torch.uint8).permute(0, 1, 4, 2, 3); p = t.pin_memory(); print('strides', t.stride(), p.stride(), p.to('cuda', non_blocking=True).stride())" | tee -a "$OUT/env.txt"
+    LIMIT=90 run python3 bench/bench_data.py --workers 12 --seconds 20 --rows 128 --batch 16 --modes uint8
+    [ -n "${BASE_SRC:-}" ] && LIMIT=90 run python3 "$BASE_SRC/../bench/bench_data.py" --workers 12 --seconds 20 --rows 128 --batch 16 --modes uint8
+    R="python3 bench/bench_train_run.py --root /tmp/vg-real"
+    LIMIT=200 run $R --batch 16 --steps 80
+    LIMIT=150 run $R --batch 4 --steps 60
+    [ -n "${BASE_SRC:-}" ] && PYTHONPATH=/tmp/site:$BASE_SRC:$PWD/bench LIMIT=150 run $R --batch 4 --steps 60 --workers 4
+    LIMIT=150 run $R --batch 8 --steps 60 --stage finetune
+    ;;
+  ab-base)
+    # this tree against BASE_SRC's commit, each run by its own copy of the bench scripts (bench_data.py up to
+    # 62c6db0 put its checkout's src/ first on sys.path, so PYTHONPATH alone did not switch the code for
+    # bench_train_run.py: the BASE_SRC training runs of sync-find, overlap and hwc-tiles ran this tree)
+    B="python3 $BASE_SRC/../bench/bench_train_run.py --root /tmp/vg-real --workers 12"
+    R="python3 bench/bench_train_run.py --root /tmp/vg-real"
+    LIMIT=110 run $R --batch 4 --steps 60
+    LIMIT=110 run $B --batch 4 --steps 60
+    LIMIT=110 run $R --batch 16 --steps 60
+    LIMIT=110 run $B --batch 16 --steps 60
     ;;
   serve)
     LIMIT=560 run python3 bench/bench_serve.py

@@ -230,6 +230,7 @@ def test_uint8_tiles_match_the_processor_and_normalise_on_device(processor):
                 a, rows_a, cols_a = stock.encode(image, split=split)
                 b, rows_b, cols_b = fast.encode(image, split=split)
                 assert (rows_a, cols_a, a.shape) == (rows_b, cols_b, b.shape) and b.dtype == torch.uint8
+                assert b.permute(0, 2, 3, 1).is_contiguous()  # channels-last: tiles are cut as whole pixel rows
                 assert tile_grid(width, height, longest, tile, split) == (rows_a, cols_a)
                 difference = ((b.float() / 255 - 0.5) / 0.5 - a).abs()
                 assert difference.mean() < 0.01  # resampling rounding only
@@ -243,6 +244,7 @@ def test_uint8_tiles_match_the_processor_and_normalise_on_device(processor):
     ready = VisionChatCollator(processor, pixels="uint8").to_device(batch, "cpu", torch.float32)
     assert torch.equal(ready["input_ids"], reference["input_ids"])
     assert (ready["pixel_values"] - reference["pixel_values"]).abs().max() < 0.2
+    assert ready["pixel_values"].is_contiguous()  # planar again for the vision tower
     assert (ready["pixel_values"][2] == 0).all()  # the text-only row's padding tiles stay exactly 0
 
 
@@ -284,10 +286,15 @@ def test_the_gpu_normalisation_kernel_computes_what_eager_does():
     from vlmgraft.data.tiles import _channel_constants, _fused_normalize, _normalize
 
     tiles = torch.randint(0, 256, (2, 3, 3, 8, 8), dtype=torch.uint8)
+    channels_last = tiles.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)  # how the collator ships them
     mask = torch.tensor([[True, True, False], [True, False, False]])
     mean, std = _channel_constants((0.48, 0.46, 0.41), (0.27, 0.26, 0.28), torch.device("cpu"))
     for dtype in (torch.float32, torch.bfloat16):
         eager, fused = _normalize(tiles, mask, mean, std, dtype), _fused_normalize()(tiles, mask, mean, std, dtype)
         assert fused.dtype == dtype
         torch.testing.assert_close(fused, eager, rtol=1e-6, atol=1e-6)
+        for normalize in (_normalize, _fused_normalize()):
+            planar = normalize(channels_last, mask, mean, std, dtype)
+            assert planar.is_contiguous()
+            torch.testing.assert_close(planar, eager, rtol=1e-6, atol=1e-6)
         assert (fused[0, 2] == 0).all() and (fused[1, 1:] == 0).all() and (fused[0, 0] != 0).any()

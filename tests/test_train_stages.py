@@ -143,6 +143,22 @@ def test_config_errors_name_the_file_and_key(tmp_path):
         load_config(None, {"model": "g"})
 
 
+def test_loader_workers_auto_fits_the_machine_and_numbers_pass_through(tmp_path, monkeypatch):
+    from vlmgraft.train.run import loader_workers
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert [loader_workers("auto", cuda=True, cores=n) for n in (16, 64, 4, 2)] == [12, 12, 2, 0]
+    assert [loader_workers("auto", cuda=False, cores=n) for n in (2, 8, 64)] == [0, 2, 4]  # the CPU trains
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # four GPU processes share the 16 cores
+    assert loader_workers("auto", cuda=True, cores=16) == 2
+    path = tmp_path / "run.yaml"
+    path.write_text("model: g\ndata: d\ndata_settings: {num_workers: 6}\n")
+    assert loader_workers(load_config(path).data_settings.num_workers, cuda=True) == 6
+    assert loader_workers(0, cuda=True) == 0
+    with pytest.raises(VlmgraftError, match="data_settings.num_workers"):
+        loader_workers("many", cuda=True)
+
+
 def test_qlora_on_cpu_is_a_clear_error(tiny_graft):
     from vlmgraft.train.run import _load_model
 

@@ -159,15 +159,16 @@ class VisionChatCollator:
         if not any(counts):
             return {}, None
         tile_index = torch.tensor([r * max(counts) + i for r, count in enumerate(counts) for i in range(count)])
+        tile_mask = torch.zeros((len(rows), max(counts)), dtype=torch.bool)
+        for r, count in enumerate(counts):
+            tile_mask[r, :count] = True
+        if self.pixels == "uint8":
+            return {"pixel_values": UInt8Tiles(_uint8_batch(per_row, counts, self.tile), tile_mask)}, tile_index
         first = next(t for tiles in per_row for t in tiles)
         values = torch.zeros((len(rows), max(counts), 3, self.tile, self.tile), dtype=first.dtype)
-        tile_mask = torch.zeros((len(rows), max(counts)), dtype=torch.bool)
         for r, tiles in enumerate(per_row):
             if tiles:
                 torch.cat(tiles, out=values[r, : counts[r]])
-                tile_mask[r, : counts[r]] = True
-        if self.pixels == "uint8":
-            return {"pixel_values": UInt8Tiles(values, tile_mask)}, tile_index
         mask = tile_mask[:, :, None, None].expand(-1, -1, self.tile, self.tile).contiguous()
         return {"pixel_values": values, "pixel_attention_mask": mask}, tile_index
 
@@ -195,6 +196,19 @@ class VisionChatCollator:
         elif dtype is not None and "pixel_values" in out:
             out["pixel_values"] = out["pixel_values"].to(dtype)
         return out
+
+
+def _uint8_batch(per_row: list[list[torch.Tensor]], counts: list[int], tile: int) -> torch.Tensor:
+    """The rows' uint8 tiles in one (B, N, 3, T, T) tensor, channels-last in memory like the encoder's tiles (so each
+    tile is one contiguous copy); only the padding tiles are zeroed (SmolVLM drops all-zero tiles)."""
+    values = torch.empty((len(per_row), max(counts), tile, tile, 3), dtype=torch.uint8)
+    for r, tiles in enumerate(per_row):
+        start = 0
+        for t in tiles:
+            values[r, start:start + t.shape[0]].copy_(t.permute(0, 2, 3, 1))
+            start += t.shape[0]
+        values[r, start:].zero_()
+    return values.permute(0, 1, 4, 2, 3)
 
 
 def _pack(encoded: list[Encoded], capacity: int) -> list[list[Encoded]]:

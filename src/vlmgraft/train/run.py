@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +89,7 @@ def _load_model(config: TrainConfig):
 
 def _training_arguments(config: TrainConfig, has_eval: bool) -> TrainingArguments:
     use_bf16 = _use_bf16(config)
+    workers = loader_workers(config.data_settings.num_workers, torch.cuda.is_available())
     return TrainingArguments(
         output_dir=config.output_dir, run_name=config.run_name, seed=config.seed, data_seed=config.data_seed,
         learning_rate=config.learning_rate, lr_scheduler_type=config.lr_scheduler_type,
@@ -106,8 +108,7 @@ def _training_arguments(config: TrainConfig, has_eval: bool) -> TrainingArgument
         load_best_model_at_end=has_eval, metric_for_best_model="eval_loss" if has_eval else None,
         greater_is_better=False if has_eval else None, report_to=config.report_to,
         remove_unused_columns=False, prediction_loss_only=True, label_names=["labels"],
-        dataloader_num_workers=config.data_settings.num_workers,
-        dataloader_persistent_workers=config.data_settings.num_workers > 0,
+        dataloader_num_workers=workers, dataloader_persistent_workers=workers > 0,
         dataloader_pin_memory=torch.cuda.is_available(),
         # Pinned batches go to the GPU without a host wait, so the next step queues up while this one computes.
         accelerator_config={"non_blocking": torch.cuda.is_available()},
@@ -150,6 +151,22 @@ def _pad_multiple(value: str, cuda: bool) -> int:
     return int(value)
 
 
+def loader_workers(value, cuda: bool, cores: int | None = None) -> int:
+    """`data_settings.num_workers` resolved: a number as given; "auto" from the cores this process may use (shared
+    with the other processes of a torchrun/accelerate launch on this machine)."""
+    text = str(value).strip()
+    if text == "auto":
+        if cores is None:
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        cores //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        # Two cores stay with the training process and its pin-memory thread; a CPU run computes on all of them.
+        return min(12, max(0, cores - 2)) if cuda else (min(4, cores // 4) if cores >= 8 else 0)
+    if not text.isdigit():
+        raise VlmgraftError(f"config key 'data_settings.num_workers': expected 'auto' or a whole number >= 0, "
+                            f"got {value!r}")
+    return int(text)
+
+
 def train(config: TrainConfig, force: bool = False, callbacks: tuple = (), echo=print) -> TrainResult:
     resume_from = _resolve_output(config, force)
     out = Path(config.output_dir)
@@ -175,6 +192,8 @@ def train(config: TrainConfig, force: bool = False, callbacks: tuple = (), echo=
     train_ds, eval_ds = _datasets(config)
     collator = _collator(processor, config)
     args = _training_arguments(config, has_eval=eval_ds is not None and len(eval_ds) > 0)
+    echo(f"data: {args.dataloader_num_workers} loader workers (data_settings.num_workers: "
+         f"{config.data_settings.num_workers})")
     base_model = config.model
     meta = {"base_model": str(Path(base_model).resolve()) if hub.is_local(base_model) else base_model,
             "stage": plan.stage, "lora": plan.lora, "config": to_dict(config)}
