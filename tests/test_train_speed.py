@@ -193,9 +193,13 @@ def test_trainer_runs_the_planned_image_path_under_the_models_autocast(tiny_graf
     config = TrainConfig(model="m", data="d", stage="align")
     model, _ = prepare_model(model, SMOLVLM, config)
     assert model.get_submodule(SMOLVLM.connector).modality_projection.proj.weight.dtype == torch.float32
-    args = TrainingArguments(output_dir=str(tmp_path), bf16=True, use_cpu=True, report_to=[])
+    args = TrainingArguments(output_dir=str(tmp_path), bf16=True, use_cpu=True, report_to=[], disable_tqdm=False)
     collator = VisionChatCollator(processor, max_length=512)
     trainer = GraftTrainer(model=model, args=args, data_collator=collator, family=SMOLVLM, graft_config=config)
+    from vlmgraft.train.callbacks import ProgressWithRates
+
+    bars = [type(c).__name__ for c in trainer.callback_handler.callbacks if "Progress" in type(c).__name__]
+    assert bars == [ProgressWithRates.__name__]  # the stock bar replaced, not doubled
     batch = trainer._prepare_inputs(collator(ShapesWorld(image_size=64, seed=4).vqa_samples(2, "en", "colour")))
     loss = trainer.compute_loss(trainer.model, batch)
     loss.backward()

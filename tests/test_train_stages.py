@@ -159,6 +159,24 @@ def test_loader_workers_auto_fits_the_machine_and_numbers_pass_through(tmp_path,
         loader_workers("many", cuda=True)
 
 
+def test_progress_bar_shows_the_last_loss_and_rates_beside_its_eta():
+    from types import SimpleNamespace
+
+    from vlmgraft.train.callbacks import ProgressWithRates
+
+    bar = ProgressWithRates()
+    state = SimpleNamespace(is_world_process_zero=True, max_steps=10, global_step=0)
+    bar.on_train_begin(None, state, None)
+    state.global_step = 5
+    bar.on_step_end(None, state, None)
+    bar.on_log(None, state, None, logs={"loss": 1.23456, "samples_per_second": 61.9, "tokens_per_second": 87292.4,
+                                        "learning_rate": 1e-4})
+    postfix = bar.training_bar.postfix
+    bar.on_log(None, state, None, logs={"eval_loss": 2.0})  # an eval log leaves the training figures in place
+    assert bar.training_bar.postfix == postfix == "loss=1.235, samples/s=61.9, tokens/s=8.729e+04"
+    bar.on_train_end(None, state, None)
+
+
 def test_qlora_on_cpu_is_a_clear_error(tiny_graft):
     from vlmgraft.train.run import _load_model
 

@@ -5,9 +5,10 @@ of the tile (`max_image_size.longest_edge`), cuts rows × cols tiles and appends
 (the global view); without splitting it squashes the image to a single tile. Every tile is square and fully valid.
 
 `mode="processor"` calls the stock processor (float32 tiles, exactly what inference sees). `mode="uint8"` follows the
-same geometry and resampling filter with torch's uint8 resize on channels-last views and returns uint8 tiles: a
-quarter of the bytes to move between worker processes and to the GPU, no float work and no padded float buffers on
-the CPU. `normalize_tiles` then rescales them on the device. The geometry is checked against the processor in the
+same geometry and resampling filter with torch's uint8 resize on channels-last views and returns uint8 tiles (kept
+channels-last in memory, `_tiles_from_hwc`): a quarter of the bytes to move between worker processes and to the GPU,
+no float work and no padded float buffers on the CPU. `normalize_tiles` then rescales them on the device and makes
+them planar. The geometry is checked against the processor in the
 tests; pixels differ only by the rounding of the uint8 resize.
 """
 

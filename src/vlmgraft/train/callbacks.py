@@ -1,4 +1,5 @@
-"""Trainer callbacks: checkpoint metadata for `vlmgraft merge`, and answers to fixed eval images as training goes."""
+"""Trainer callbacks: checkpoint metadata for `vlmgraft merge`, answers to fixed eval images as training goes, and a
+progress bar that carries the latest loss and throughput next to its ETA."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
 
 from vlmgraft.data.sample import Sample
 
@@ -26,6 +28,19 @@ class CheckpointMetadata(TrainerCallback):
         if folder.is_dir() and state.is_world_process_zero:
             (folder / CHECKPOINT_META).write_text(json.dumps({**self.meta, "step": state.global_step}, indent=2,
                                                              ensure_ascii=False))
+
+
+class ProgressWithRates(ProgressCallback):
+    """The Trainer's progress bar (steps, elapsed, ETA) with the last logged loss, samples/s and tokens/s as its
+    postfix, so the bar alone says how a run goes; the log lines are still printed above it."""
+
+    FIELDS = (("loss", "loss"), ("samples_per_second", "samples/s"), ("tokens_per_second", "tokens/s"))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        super().on_log(args, state, control, logs=logs, **kwargs)
+        if self.training_bar is not None and logs and "loss" in logs:
+            self.training_bar.set_postfix({name: f"{logs[key]:.4g}" for key, name in self.FIELDS
+                                           if isinstance(logs.get(key), (int, float))}, refresh=False)
 
 
 @torch.no_grad()

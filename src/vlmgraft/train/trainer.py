@@ -19,9 +19,11 @@ import time
 import torch
 import torch.nn.functional as F
 from transformers import Trainer
+from transformers.trainer_callback import ProgressCallback
 
 from vlmgraft.data.collate import LossPlan
 from vlmgraft.graft.families import DonorFamily
+from vlmgraft.train.callbacks import ProgressWithRates
 from vlmgraft.train.config import TrainConfig
 from vlmgraft.train.image_inputs import images_into_embeddings, to_device_nonblocking
 from vlmgraft.train.speed import compile_enabled
@@ -105,6 +107,9 @@ def noise_like_images(pixel_values: torch.Tensor) -> torch.Tensor:
 class GraftTrainer(Trainer):
     def __init__(self, *args, family: DonorFamily, graft_config: TrainConfig, probe_batches: int = 4, **kwargs):
         super().__init__(*args, **kwargs)
+        if any(type(c) is ProgressCallback for c in self.callback_handler.callbacks):  # not in notebooks
+            self.remove_callback(ProgressCallback)
+            self.add_callback(ProgressWithRates())
         self.family = family
         self.graft_config = graft_config
         self.probe_batches = probe_batches
