@@ -103,21 +103,31 @@ def synthetic_batch(batch: int, packing: bool, pad_to: int | None, rng: torch.Ge
     return {k: v.cuda(non_blocking=True) for k, v in out.items()}
 
 
-def flops_per_sample(model, stage: str) -> float:
-    """Dense matmul FLOPs: forward 2·N·tokens per frozen part; backward adds 2·N·T for input gradients and 2·N·T for
-    weight gradients where weights train. Attention score FLOPs are included for the vision tower (1024 patches)."""
-    model = unwrap_model(model)
-    vision_n = sum(p.numel() for p in model.model.vision_model.parameters())
-    text_n = sum(p.numel() for n, p in model.model.text_model.named_parameters()
-                 if "embed_tokens" not in n and "lora_" not in n)
-    patches = TILES * 1024
-    vision_attn = 4 * 1024 * 1024 * 768 * 12 * TILES
-    tokens = TILES * TOKENS_PER_TILE + TEXT_TOKENS
-    vision = 2 * vision_n * patches + vision_attn
-    text = {"align": 4, "finetune": 4, "full": 6}[stage] * text_n * tokens
-    if stage in ("finetune", "full"):
-        vision *= 2 if stage == "finetune" else 3
-    return float(vision + text)
+def flops_per_sample(model, tokens: float = TILES * TOKENS_PER_TILE + TEXT_TOKENS, tiles: float = TILES) -> float:
+    """Dense matmul FLOPs of one sample's training step, read off what trains. Blocks in the order the step runs them
+    (patch embedding, vision layers, connector, LLM layers): the forward costs 2·N per token for the N weights of
+    their Linear/Conv2d modules (LoRA's included); the backward adds 2·N_trained for weight gradients and 2·N for
+    input gradients wherever a trained weight lies before the block. A vision token is a patch (1024 per tile), a
+    connector token is one of the tile's 64 outputs. Attention scores are counted in the vision tower (4·1024²·768 per
+    layer and tile, the backward at twice the forward), not in the LLM, as in every earlier MFU figure here."""
+    from vlmgraft.graft.families import SMOLVLM
+
+    base = unwrap_model(model)
+    blocks = [(base.get_submodule(SMOLVLM.vision_patch_embedding), tiles * 1024, 0.0),
+              *[(layer, tiles * 1024, 4 * 1024**2 * 768 * tiles) for layer in base.get_submodule(SMOLVLM.vision_layers)],
+              (base.get_submodule(SMOLVLM.connector), tiles * TOKENS_PER_TILE, 0.0),
+              *[(layer, tokens, 0.0) for layer in base.get_submodule(SMOLVLM.llm_layers)]]
+    total, upstream_trains = 0.0, False
+    for block, count, attention in blocks:
+        weights = [m.weight for name, m in block.named_modules()  # PEFT keeps an idle copy of modules_to_save
+                   if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and "original_module" not in name]
+        n = sum(w.numel() for w in weights)
+        trained = sum(w.numel() for w in weights if w.requires_grad)
+        backward = 2 * trained * count + (2 * n * count if upstream_trains else 0.0)
+        backward += 2 * attention if upstream_trains or trained else 0.0  # q/k/v's gradients pass through it
+        total += 2 * n * count + attention + backward
+        upstream_trains = upstream_trains or trained > 0
+    return total
 
 
 def compile_parts(model, args) -> None:
@@ -179,7 +189,7 @@ def run_compute(args) -> dict:
     tokens = sum(int(b["input_ids"].numel()) for b in batches) / 3 * args.steps / seconds
     return {"samples_per_s": round(sps, 2), "tokens_per_s": round(tokens), "peak_gib":
             round(torch.cuda.max_memory_allocated() / 2**30, 2),
-            "mfu_vs_989tflops": round(sps * flops_per_sample(model, args.stage) / H100_BF16_DENSE, 3),
+            "mfu_vs_989tflops": round(sps * flops_per_sample(model) / H100_BF16_DENSE, 3),
             "rows": int(batches[0]["input_ids"].shape[0]), "row_tokens": int(batches[0]["input_ids"].shape[1]),
             **split}
 

@@ -68,4 +68,4 @@ def run_e2e(args) -> dict:
         sps = samples / seconds
         return {"samples_per_s": round(sps, 2), "tokens_per_s": round(tokens / seconds),
                 "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "data_format": fmt,
-                "mfu_vs_989tflops": round(sps * flops_per_sample(model, args.stage) / H100_BF16_DENSE, 3)}
+                "mfu_vs_989tflops": round(sps * flops_per_sample(model) / H100_BF16_DENSE, 3)}

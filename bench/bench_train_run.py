@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 import yaml  # noqa: E402
 from bench_data import write_data  # noqa: E402
+from bench_train import H100_BF16_DENSE, TILES, flops_per_sample  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from vlmgraft.train.config import TrainConfig  # noqa: E402
@@ -131,8 +132,14 @@ class SyncStacks(TrainerCallback):
 
 
 class Windows(TrainerCallback):
+    """The trainer's own throughput logs, and the trained model's matmul FLOPs per sample (for the MFU)."""
+
     def __init__(self):
         self.seen: list[tuple[float, float]] = []
+        self.model = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.model = model
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "samples_per_second" in logs:
@@ -172,10 +179,16 @@ def main() -> None:
         callbacks += (SyncStacks(args.sync_debug, start=args.steps // 2 + 4),)
     train(config, force=True, callbacks=callbacks, echo=lambda *a: print(*a, file=sys.stderr))
     windows = logged.seen
+    samples_per_s = statistics.median(w[0] for w in windows[2:]) if len(windows) > 2 else None
+    tokens_per_s = statistics.median(w[1] for w in windows[2:]) if len(windows) > 2 else None
+    mfu = None
+    if samples_per_s:  # every bench image is cut into 17 tiles (2048×~1600 px, 512-px tiles + the global one)
+        flops = flops_per_sample(logged.model, tokens=tokens_per_s / samples_per_s, tiles=TILES)
+        mfu = round(samples_per_s * flops / H100_BF16_DENSE, 3)
     print(json.dumps({
         "bench": "train_run", **{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "samples_per_s": round(statistics.median(w[0] for w in windows[2:]), 2) if len(windows) > 2 else None,
-        "tokens_per_s": round(statistics.median(w[1] for w in windows[2:])) if len(windows) > 2 else None,
+        "samples_per_s": round(samples_per_s, 2) if samples_per_s else None,
+        "tokens_per_s": round(tokens_per_s) if tokens_per_s else None, "mfu_vs_989tflops": mfu,
         "windows": windows, "wall_s": round(time.perf_counter() - started, 1),
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "data_format": fmt,
         "device": torch.cuda.get_device_name(), "torch": torch.__version__,

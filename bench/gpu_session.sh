@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmark session as run on the lent H100 or H200 (see bench/RESULTS.md). Usage: bash bench/gpu_session.sh PART
 # PART: build-train | data-e2e | memory-finetune | serve | speed-train[-2|-3] | serve-and-profile | serve-compile |
-# full-stage | product-e2e | fused-gelu | spec-data | shapes | no-reads | final | batch32 | sync-find | overlap | text-kernels | host-bound | hwc-tiles | ab-base. Carried wheels in .whl/ are installed to /tmp/site first.
+# full-stage | product-e2e | fused-gelu | spec-data | shapes | no-reads | final | batch32 | sync-find | overlap | text-kernels | host-bound | hwc-tiles | ab-base | stages. Carried wheels in .whl/ are installed to /tmp/site first.
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false TRANSFORMERS_VERBOSITY=error
 if [ -d .whl ]; then
@@ -13,7 +13,7 @@ fi
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 log() { echo "$@" | tee -a "$OUT/results.jsonl"; }
-run() { echo "+ $*" >&2; timeout "${LIMIT:-400}" "$@" 2>>"$OUT/stderr.log" | grep '^{' | tee -a "$OUT/results.jsonl" || echo "{\"failed\": \"$*\"}" | tee -a "$OUT/results.jsonl"; }
+run() { echo "+ $*" >&2; timeout "${LIMIT:-400}" "$@" 2>>"$OUT/stderr.log" | grep '^{"' | tee -a "$OUT/results.jsonl" || echo "{\"failed\": \"$*\"}" | tee -a "$OUT/results.jsonl"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/env.txt"
 python3 -c "import torch, transformers, sys; print(sys.version.split()[0], torch.__version__, transformers.__version__)" | tee -a "$OUT/env.txt"
 case "${1:-}" in
@@ -160,6 +160,17 @@ case "${1:-}" in
     LIMIT=110 run $B --batch 4 --steps 60
     LIMIT=110 run $R --batch 16 --steps 60
     LIMIT=110 run $B --batch 16 --steps 60
+    ;;
+  stages)
+    # the issue's report in one call: the seeds' recipe as the baseline, then every stage end to end through the
+    # product (samples/s, tokens/s, MFU, peak memory); align also at its default batch size of 4 (the memory target)
+    LIMIT=120 run python3 bench/bench_train.py --mode seed --steps 6
+    R="python3 bench/bench_train_run.py --root /tmp/vg-real --steps 60"
+    LIMIT=200 run $R --batch 16
+    LIMIT=100 run $R --batch 4
+    LIMIT=100 run $R --batch 16 --stage align-head
+    LIMIT=110 run $R --batch 8 --stage finetune
+    LIMIT=130 run $R --batch 8 --stage full --steps 40
     ;;
   serve)
     LIMIT=560 run python3 bench/bench_serve.py
