@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmark session as run on the lent H100 or H200 (see bench/RESULTS.md). Usage: bash bench/gpu_session.sh PART
 # PART: build-train | data-e2e | memory-finetune | serve | speed-train[-2|-3] | serve-and-profile | serve-compile |
-# full-stage | product-e2e | fused-gelu | spec-data | shapes | no-reads | final | batch32 | sync-find | overlap | text-kernels | host-bound | hwc-tiles | ab-base | stages. Carried wheels in .whl/ are installed to /tmp/site first.
+# full-stage | product-e2e | fused-gelu | spec-data | shapes | no-reads | final | batch32 | sync-find | overlap | text-kernels | host-bound | hwc-tiles | ab-base | stages | varlen. Carried wheels in .whl/ are installed to /tmp/site first.
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false TRANSFORMERS_VERBOSITY=error
 if [ -d .whl ]; then
@@ -13,7 +13,13 @@ fi
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 log() { echo "$@" | tee -a "$OUT/results.jsonl"; }
-run() { echo "+ $*" >&2; timeout "${LIMIT:-400}" "$@" 2>>"$OUT/stderr.log" | grep '^{"' | tee -a "$OUT/results.jsonl" || echo "{\"failed\": \"$*\"}" | tee -a "$OUT/results.jsonl"; }
+# a command that fails or runs past LIMIT leaves a {"failed": ...} line with its exit status (124: timed out)
+run() {
+  echo "+ $*" >&2
+  timeout "${LIMIT:-400}" "$@" 2>>"$OUT/stderr.log" | grep '^{"' | tee -a "$OUT/results.jsonl"
+  local status=${PIPESTATUS[0]}
+  [ "$status" = 0 ] || echo "{\"failed\": \"$*\", \"status\": $status}" | tee -a "$OUT/results.jsonl"
+}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/env.txt"
 python3 -c "import torch, transformers, sys; print(sys.version.split()[0], torch.__version__, transformers.__version__)" | tee -a "$OUT/env.txt"
 case "${1:-}" in
@@ -171,6 +177,17 @@ case "${1:-}" in
     LIMIT=100 run $R --batch 16 --stage align-head
     LIMIT=110 run $R --batch 8 --stage finetune
     LIMIT=130 run $R --batch 8 --stage full --steps 40
+    ;;
+  varlen)
+    # packed rows through ragged cuDNN attention: the kernel's checks and time, then align/finetune packed vs padded
+    # (the packed runs used the ragged op from the working tree of the time; with its backward at ~135 ms per layer
+    # they ran past their limits; now `--packing` runs the product's flex attention)
+    LIMIT=120 run python3 bench/bench_varlen.py
+    R="python3 bench/bench_train_run.py --root /tmp/vg-real --steps 60"
+    LIMIT=200 run $R --batch 16 --packing
+    LIMIT=100 run $R --batch 16
+    LIMIT=110 run $R --batch 8 --stage finetune --packing
+    LIMIT=100 run $R --batch 4 --packing
     ;;
   serve)
     LIMIT=560 run python3 bench/bench_serve.py

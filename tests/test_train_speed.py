@@ -232,6 +232,27 @@ def test_the_collators_loss_plan_gives_the_loss_computed_from_the_gpu_tensors(ti
         torch.testing.assert_close(planned[2][name], grad)
 
 
+@pytest.mark.parametrize("loss_on", ["assistant", "all"])
+def test_packed_rows_train_like_padded_rows(tiny_graft, loss_on):
+    """Samples packed into one row (kept apart by the position resets) give the loss and gradients of one sample per
+    padded row. With the loss on every token, a sample's first token must not become the target of the previous
+    sample's last one."""
+    from vlmgraft.data.collate import VisionChatCollator
+    from vlmgraft.data.shapes import ShapesWorld
+
+    processor = AutoProcessor.from_pretrained(tiny_graft)
+    samples = ShapesWorld(image_size=64, seed=4).vqa_samples(3, "en", "count")
+    padded = VisionChatCollator(processor, max_length=512, loss_on=loss_on)(samples)
+    packed = VisionChatCollator(processor, max_length=512, loss_on=loss_on, packing=True)(samples)
+    assert packed["input_ids"].shape[0] == 1 and padded["input_ids"].shape[0] == 3
+    model = _align_model(tiny_graft)
+    reference, together = _loss_and_grads(model, padded), _loss_and_grads(model, packed)
+    assert together[1] == reference[1] == packed["loss_plan"].label_tokens > 0
+    torch.testing.assert_close(together[0], reference[0])
+    for name, grad in reference[2].items():
+        torch.testing.assert_close(together[2][name], grad)
+
+
 def test_causal_flag_alone_only_where_it_is_the_whole_mask(tiny_graft):
     from types import SimpleNamespace
 

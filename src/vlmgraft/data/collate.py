@@ -6,6 +6,7 @@ packed first-fit-decreasing into as few rows of `max_length` as possible, each s
 block-diagonal causal mask from the position resets, so no token attends across a sample border (SDPA, eager, flex
 and flash-attention alike). That detection only runs when attention_mask is None and there is no KV cache, so run
 the model with `use_cache=False` (set `model.config.use_cache = False` and its text_config's) when training packed.
+The first token of every sample carries no label, so a packed row never asks one sample to predict the next.
 
 Batch keys: `input_ids`, `labels` (-100 where no loss), `attention_mask` (not when packing), `position_ids` (packing),
 `loss_plan` (a `LossPlan`, not a tensor: what the loss would otherwise read back from the GPU), and when any sample
@@ -133,7 +134,9 @@ class VisionChatCollator:
         for r, row in enumerate(rows):
             ids = np.concatenate([e.input_ids for e in row])
             input_ids[r, : len(ids)] = torch.from_numpy(ids)
-            labels[r, : len(ids)] = torch.from_numpy(np.concatenate([e.labels for e in row]))
+            row_labels = np.concatenate([e.labels for e in row])
+            row_labels[np.cumsum([0] + [len(e) for e in row[:-1]])] = IGNORE  # nothing of the sample precedes it
+            labels[r, : len(ids)] = torch.from_numpy(row_labels)
             attention[r, : len(ids)] = 1
             # each sample restarts at 0; the padding tail is its own segment, so it never joins a sample
             positions[r] = torch.from_numpy(np.concatenate([np.arange(len(e)) for e in row]
