@@ -79,18 +79,10 @@ def _backward(ctx, grad, *unused):
 ragged_attention.register_autograd(_backward, setup_context=_setup)
 
 
-def varlen_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
-                             scaling: float | None = None, cu_seq_lens_q: torch.Tensor | None = None,
-                             max_length_q: int | None = None, **kwargs):
-    """transformers' attention interface: (batch, heads, tokens, dim) in, (batch, tokens, heads, dim) out. Without
-    offsets (a batch that is not packed, generation) it is plain SDPA."""
-    if cu_seq_lens_q is None:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
-    if dropout:
-        raise ValueError("packed attention (vlmgraft_varlen) has no dropout; set the LLM's attention_dropout to 0")
+def varlen_attention_forward(module, query, key, value, attention_mask, scaling: float | None = None,
+                             cu_seq_lens_q: torch.Tensor | None = None, max_length_q: int | None = None, **kwargs):
+    """As a transformers attention function: (batch, heads, tokens, dim) in, (batch, tokens, heads, dim) out, the
+    samples' offsets in `cu_seq_lens_q`."""
     batch, heads, tokens, dim = query.shape
     scale = scaling if scaling is not None else dim ** -0.5
     q, k, v = (t.transpose(1, 2).reshape(batch * tokens, t.shape[1], dim) for t in (query, key, value))
