@@ -77,8 +77,24 @@ class ProfileSteps(TrainerCallback):
             shapes = "".join(f"{e.key:45} x{e.count:<5} CPU {e.cpu_time_total / 1e3:8.2f} ms  GPU "
                              f"{e.device_time_total / 1e3:8.2f} ms  {e.input_shapes}\n" for e in by_shape)
             Path(self.path).write_text(head + "By CPU time:\n" + by_cpu + "\nBy GPU time:\n" + by_gpu
-                                       + "\nAttention, copies and matmuls by input shape (CPU-heaviest):\n" + shapes)
+                                       + "\nAttention, copies and matmuls by input shape (CPU-heaviest):\n" + shapes
+                                       + "\nEvery kernel and copy, ms per step:\n"
+                                       + kernel_table(self.prof.events(), self.count))
             self.prof = None
+
+
+def kernel_table(events, steps: int, rows: int = 120) -> str:
+    """GPU kernels and copies by name (each once, not also under the operator that launched it): total ms per
+    step, calls per step, µs per call, heaviest first."""
+    totals: dict[str, list[float]] = {}
+    for e in events:
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            entry = totals.setdefault(e.name, [0.0, 0])
+            entry[0] += e.time_range.end - e.time_range.start
+            entry[1] += 1
+    ranked = sorted(totals.items(), key=lambda item: -item[1][0])[:rows]
+    return "".join(f"{t / 1e3 / steps:9.3f} ms {n / steps:7.1f}x {t / n:9.1f} us  {name[:150]}\n"
+                   for name, (t, n) in ranked)
 
 
 def busy_seconds(events) -> float:

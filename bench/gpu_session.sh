@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmark session as run on the lent H100 or H200 (see bench/RESULTS.md). Usage: bash bench/gpu_session.sh PART
 # PART: build-train | data-e2e | memory-finetune | serve | speed-train[-2|-3] | serve-and-profile | serve-compile |
-# full-stage | product-e2e | fused-gelu | spec-data | shapes | no-reads | final | batch32 | sync-find | overlap | text-kernels | host-bound | hwc-tiles | ab-base | stages | varlen. Carried wheels in .whl/ are installed to /tmp/site first.
+# full-stage | product-e2e | fused-gelu | spec-data | shapes | no-reads | final | batch32 | sync-find | overlap | text-kernels | host-bound | hwc-tiles | ab-base | stages | varlen | packed-default | tuned-kernels | regions-ab. Carried wheels in .whl/ are installed to /tmp/site first.
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false TRANSFORMERS_VERBOSITY=error
 if [ -d .whl ]; then
@@ -187,6 +187,42 @@ case "${1:-}" in
     LIMIT=200 run $R --batch 16 --packing
     LIMIT=100 run $R --batch 16
     LIMIT=110 run $R --batch 8 --stage finetune --packing
+    LIMIT=100 run $R --batch 4 --packing
+    ;;
+  packed-default)
+    # the product's default (packing: true) on image-heavy samples, one per 2048-token row: BASE_SRC (the commit
+    # before) runs such rows with flex attention, this tree as padded rows through SDPA (cuDNN); alternated. Then
+    # this tree's padded align profiled, with every kernel listed
+    B="env PYTHONPATH=/tmp/site:$BASE_SRC:$BASE_SRC/../bench python3 $BASE_SRC/../bench/bench_train_run.py --root /tmp/vg-real --steps 60"
+    R="python3 bench/bench_train_run.py --root /tmp/vg-real --steps 60"
+    env PYTHONPATH=/tmp/site:$BASE_SRC python3 -c "import vlmgraft; print('base code', vlmgraft.__file__)" | tee -a "$OUT/env.txt"
+    LIMIT=230 run $R --batch 16 --packing
+    LIMIT=170 run $B --batch 16 --packing
+    LIMIT=100 run $R --batch 4 --packing
+    LIMIT=110 run $B --batch 4 --packing
+    LIMIT=140 run $R --batch 16 --profile "$OUT/profile_align_b16_kernels.txt"
+    ;;
+  tuned-kernels)
+    # inductor's coordinate-descent tuning of its own (memory-bound) kernels, against the same code without it in
+    # the same call; then finetune under the default packing: this tree against BASE_SRC
+    R="python3 bench/bench_train_run.py --root /tmp/vg-real --steps 60"
+    B="env PYTHONPATH=/tmp/site:$BASE_SRC:$BASE_SRC/../bench python3 $BASE_SRC/../bench/bench_train_run.py --root /tmp/vg-real --steps 60"
+    LIMIT=230 run $R --batch 16
+    LIMIT=200 run env TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 $R --batch 16 --profile "$OUT/profile_align_b16_cdt.txt"
+    LIMIT=130 run $R --batch 8 --stage finetune --packing
+    LIMIT=150 run $B --batch 8 --stage finetune --packing
+    LIMIT=200 run env TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 TORCHINDUCTOR_MAX_AUTOTUNE_POINTWISE=1 $R --batch 16
+    ;;
+  regions-ab)
+    # part 31's working tree (vision embeddings and post-norm compiled, inductor's coordinate-descent tuning on; not
+    # kept, bench/RESULTS.md) against BASE_SRC (the commit before), each profiled once (kernel time per step) and run
+    # once more without the profiler; then the default config (batch 4, packing) for its peak memory
+    R="python3 bench/bench_train_run.py --root /tmp/vg-real --steps 60"
+    B="env PYTHONPATH=/tmp/site:$BASE_SRC:$BASE_SRC/../bench python3 $BASE_SRC/../bench/bench_train_run.py --root /tmp/vg-real --steps 60"
+    LIMIT=240 run $R --batch 16 --profile "$OUT/profile_align_b16_regions.txt"
+    LIMIT=170 run $B --batch 16 --profile "$OUT/profile_align_b16_base.txt"
+    LIMIT=120 run $R --batch 16
+    LIMIT=120 run $B --batch 16
     LIMIT=100 run $R --batch 4 --packing
     ;;
   serve)

@@ -92,6 +92,47 @@ def test_generation_switches_flex_attention_to_sdpa_and_back(tiny_graft):
     assert model.config.vision_config._attn_implementation != FLEX  # untouched
 
 
+def test_packed_run_attends_with_sdpa_when_no_row_holds_two_samples(tiny_graft, tmp_path):
+    """A packed run's LLM attends with flex attention (on CUDA), but image-heavy samples fill a row each: such a
+    batch comes as padded rows, and the whole training step (backward included) runs SDPA's causal kernel, with
+    the loss of an SDPA model; a batch whose rows hold several samples keeps flex attention."""
+    from transformers import TrainingArguments
+
+    from vlmgraft.data.collate import VisionChatCollator
+    from vlmgraft.data.shapes import ShapesWorld
+    from vlmgraft.train.speed import sdpa_for_unpacked_rows
+    from vlmgraft.train.trainer import GraftTrainer
+
+    processor = AutoProcessor.from_pretrained(tiny_graft)
+    samples = ShapesWorld(image_size=64, seed=4).vqa_samples(3, "en", "count")
+    lengths = [len(VisionChatCollator(processor).encode(s)) for s in samples]
+    assert 2 * min(lengths) > max(lengths)  # so that a row of max(lengths) holds one sample
+    alone = VisionChatCollator(processor, max_length=max(lengths), packing=True)(samples)
+    shared = VisionChatCollator(processor, max_length=4 * max(lengths), packing=True)(samples)
+    assert "position_ids" not in alone and alone["attention_mask"].shape[0] == 3
+    assert "position_ids" in shared and shared["input_ids"].shape[0] == 1
+
+    model = _align_model(tiny_graft)
+    reference = label_only_loss(model, alone)[0].detach()  # every layer on SDPA
+    text_config = model.config.text_config
+    text_config._attn_implementation = FLEX  # as loaded for a packed run on CUDA
+    seen = []
+    layer = model.get_submodule(SMOLVLM.llm_layers)[0]
+    layer.register_forward_hook(lambda *_: seen.append(("forward", text_config._attn_implementation)))
+    layer.register_full_backward_hook(lambda *_: seen.append(("backward", text_config._attn_implementation)))
+    config = TrainConfig(model="m", data="d", stage="align")
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    trainer = GraftTrainer(model=model, args=args, data_collator=VisionChatCollator(processor), family=SMOLVLM,
+                           graft_config=config)
+    trainer.current_gradient_accumulation_steps = 1  # set by the training loop
+    loss = trainer.training_step(model, alone)
+    assert seen == [("forward", "sdpa"), ("backward", "sdpa")]
+    assert text_config._attn_implementation == FLEX  # restored after the step
+    torch.testing.assert_close(loss, reference)
+    with sdpa_for_unpacked_rows(model, shared):
+        assert text_config._attn_implementation == FLEX
+
+
 @pytest.mark.parametrize("stage", ["align", "finetune"])  # finetune: PEFT-wrapped LoRA layers and vision layers
 def test_compiled_layers_train_the_same_and_keep_checkpoint_names(tiny_graft, stage):
     processor = AutoProcessor.from_pretrained(tiny_graft)

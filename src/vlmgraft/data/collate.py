@@ -1,16 +1,18 @@
 """`VisionChatCollator`: a list of Samples → one training batch for a SmolVLM-layout graft.
 
 Rows are right-padded to the longest in the batch (dynamic padding). With `packing=True` the batch's samples are
-packed first-fit-decreasing into as few rows of `max_length` as possible, each sample's `position_ids` restarting at
-0 and no `attention_mask` returned: transformers (masking_utils.find_packed_sequence_indices) then builds a
-block-diagonal causal mask from the position resets, so no token attends across a sample border (SDPA, eager, flex
-and flash-attention alike). That detection only runs when attention_mask is None and there is no KV cache, so run
-the model with `use_cache=False` (set `model.config.use_cache = False` and its text_config's) when training packed.
-The first token of every sample carries no label, so a packed row never asks one sample to predict the next.
+packed first-fit-decreasing into as few rows of `max_length` as possible; when some row holds several, each
+sample's `position_ids` restart at 0 and no `attention_mask` is returned: transformers
+(masking_utils.find_packed_sequence_indices) then builds a block-diagonal causal mask from the position resets, so
+no token attends across a sample border (SDPA, eager, flex and flash-attention alike). That detection only runs
+when attention_mask is None and there is no KV cache, so run the model with `use_cache=False` (set
+`model.config.use_cache = False` and its text_config's) when training packed. The first token of every sample
+carries no label, so a packed row never asks one sample to predict the next.
 
-Batch keys: `input_ids`, `labels` (-100 where no loss), `attention_mask` (not when packing), `position_ids` (packing),
-`loss_plan` (a `LossPlan`, not a tensor: what the loss would otherwise read back from the GPU), and when any sample
-has images `pixel_values` (B, N, 3, T, T) + `pixel_attention_mask` (B, N, T, T, bool) with all-zero padding tiles.
+Batch keys: `input_ids`, `labels` (-100 where no loss), `attention_mask` (rows of one sample each) or
+`position_ids` (rows of packed samples), `loss_plan` (a `LossPlan`, not a tensor: what the loss would otherwise
+read back from the GPU), and when any sample has images `pixel_values` (B, N, 3, T, T) + `pixel_attention_mask`
+(B, N, T, T, bool) with all-zero padding tiles.
 With `pixels="uint8"`, `pixel_values` is a `UInt8Tiles` holder instead and `to_device` normalises it on the GPU;
 a model handed the holder directly fails with a message saying so.
 """
@@ -142,7 +144,9 @@ class VisionChatCollator:
             positions[r] = torch.from_numpy(np.concatenate([np.arange(len(e)) for e in row]
                                                            + [np.arange(width - len(ids))]))
         batch = {"input_ids": input_ids, "labels": labels}
-        if self.packing:
+        # Rows of one sample each are plain padded rows even when packing: no position resets, so the trainer can
+        # give them SDPA's causal kernel instead of flex attention (vlmgraft.train.speed.sdpa_for_unpacked_rows).
+        if any(len(row) > 1 for row in rows):
             batch["position_ids"] = positions
         else:
             batch["attention_mask"] = attention

@@ -6,7 +6,8 @@ see each other. transformers derives that block-diagonal mask from the position 
 mask that takes SDPA off its flash kernel (a packed batch measured half the speed of a padded one on an H100,
 bench/RESULTS.md), while flex attention's block mask skips the blocks between samples. So on CUDA a packed run uses
 flex attention in the LLM and SDPA in the vision tower (whose tiles never mix); elsewhere SDPA (flex attention has
-no CPU backward).
+no CPU backward). A batch in which no two samples share a row (image-heavy samples: a 17-tile one is ~1,400 of a
+2048-token row) needs no block mask, and goes through SDPA's causal kernel instead (`sdpa_for_unpacked_rows`).
 
 Compilation (`compile`, on by default on CUDA): every repeated block (LLM decoder layers, vision encoder layers) and
 the connector is compiled on its own, in place. Identical blocks share one compiled graph, so compiling costs one
@@ -141,6 +142,29 @@ def fuse_mlp_gelu(model, family: DonorFamily) -> int:
             mlp.forward = types.MethodType(_fused_mlp_forward, mlp)
             switched += 1
     return switched
+
+
+def _text_config(model):
+    config = getattr(unwrap_model(model), "config", None)
+    return getattr(config, "text_config", None) or config
+
+
+@contextlib.contextmanager
+def sdpa_for_unpacked_rows(model, inputs: dict):
+    """Within it, a flex-attention LLM attends with SDPA when the batch has no packed rows (the collator then sends
+    no `position_ids`). At the training shapes cuDNN's causal SDPA kernel takes 0.39/1.13 ms forward/backward per
+    layer against flex attention's 0.61/1.60 (bench/RESULTS.md, fifth lease). Hold it over the whole training step,
+    backward included: a checkpointed layer runs its forward again there and must attend the same way. Compiled
+    layers compile once more for the other attention and keep both graphs."""
+    config = _text_config(model)
+    if "position_ids" in inputs or getattr(config, "_attn_implementation", None) != FLEX:
+        yield
+        return
+    config._attn_implementation = "sdpa"
+    try:
+        yield
+    finally:
+        config._attn_implementation = FLEX
 
 
 @contextlib.contextmanager

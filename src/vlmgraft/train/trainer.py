@@ -5,7 +5,8 @@
    The stock model already supports this through `logits_to_keep` with an index tensor, so no forward is rewritten.
 2. Per-module-group learning rates and LoRA+ through `create_optimizer`.
 3. Right-padded batches go without an attention mask (the causal mask already hides the padding), so SDPA keeps
-   its flash kernel; rows of one sample each also skip transformers' check for packed rows, a GPU read per step.
+   its flash kernel; rows of one sample each also skip transformers' check for packed rows, a GPU read per step,
+   and run SDPA even in a packed run whose LLM otherwise attends with flex attention.
 4. The does-it-see probe: at each evaluation, the eval loss with the real images vs. the same batches with the
    images replaced by noise. A graft whose images never reach the LLM shows a gap of ~0 — the classic silent failure.
 """
@@ -26,7 +27,7 @@ from vlmgraft.graft.families import DonorFamily
 from vlmgraft.train.callbacks import ProgressWithRates
 from vlmgraft.train.config import TrainConfig
 from vlmgraft.train.image_inputs import images_into_embeddings, to_device_nonblocking
-from vlmgraft.train.speed import compile_enabled
+from vlmgraft.train.speed import compile_enabled, sdpa_for_unpacked_rows
 from vlmgraft.train.stages import optimizer_groups, unwrap_model
 
 log = logging.getLogger(__name__)
@@ -136,6 +137,14 @@ class GraftTrainer(Trainer):
             self._tiles_stream = torch.cuda.Stream(self.args.device)
         return self._tiles_stream
 
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        with sdpa_for_unpacked_rows(model, inputs):
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        with sdpa_for_unpacked_rows(model, inputs):
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not inputs:  # every sample of this batch was skipped (unreadable images): a step that changes nothing
             loss = sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
@@ -198,7 +207,7 @@ class GraftTrainer(Trainer):
             batch = self._prepare_inputs(batch)
             if "pixel_values" not in batch:
                 continue
-            with self.compute_loss_context_manager():
+            with self.compute_loss_context_manager(), sdpa_for_unpacked_rows(model, batch):
                 real += float(self._label_only_loss(model, batch)[0])
                 noisy = dict(batch, pixel_values=noise_like_images(batch["pixel_values"]))
                 noise += float(self._label_only_loss(model, noisy)[0])
