@@ -144,7 +144,8 @@ def fuse_mlp_gelu(model, family: DonorFamily) -> int:
     return switched
 
 
-def _text_config(model):
+def text_config(model):
+    """The LLM's config inside a (wrapped) VLM, or the model's own config for a text-only one; None without any."""
     config = getattr(unwrap_model(model), "config", None)
     return getattr(config, "text_config", None) or config
 
@@ -156,7 +157,7 @@ def sdpa_for_unpacked_rows(model, inputs: dict):
     layer against flex attention's 0.61/1.60 (bench/RESULTS.md, fifth lease). Hold it over the whole training step,
     backward included: a checkpointed layer runs its forward again there and must attend the same way. Compiled
     layers compile once more for the other attention and keep both graphs."""
-    config = _text_config(model)
+    config = text_config(model)
     if "position_ids" in inputs or getattr(config, "_attn_implementation", None) != FLEX:
         yield
         return

@@ -27,7 +27,7 @@ from vlmgraft.graft.families import DonorFamily
 from vlmgraft.train.callbacks import ProgressWithRates
 from vlmgraft.train.config import TrainConfig
 from vlmgraft.train.image_inputs import images_into_embeddings, to_device_nonblocking
-from vlmgraft.train.speed import compile_enabled, sdpa_for_unpacked_rows
+from vlmgraft.train.speed import compile_enabled, sdpa_for_unpacked_rows, text_config
 from vlmgraft.train.stages import optimizer_groups, unwrap_model
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ def causal_only_masks(model) -> dict | None:
     transformers builds the mask itself and, finding no attention mask, checks the positions for packed rows with
     an `if` on a GPU value: the CPU waits there each step until the vision tower has run. None where the causal
     flag alone would be wrong (eager attention needs a real mask, sliding-window layers need theirs)."""
-    config = getattr(getattr(model, "config", None), "text_config", None) or getattr(model, "config", None)
+    config = text_config(model)
     kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
     if getattr(config, "_attn_implementation", None) != "sdpa" or kinds != {"full_attention"}:
         return None
