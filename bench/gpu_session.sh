@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmark session as run on the lent H100 or H200 (see bench/RESULTS.md). Usage: bash bench/gpu_session.sh PART
 # PART: build-train | data-e2e | memory-finetune | serve | speed-train[-2|-3] | serve-and-profile | serve-compile |
-# full-stage | product-e2e | fused-gelu | spec-data | shapes | no-reads | final | batch32 | sync-find | overlap | text-kernels | host-bound | hwc-tiles | ab-base | stages | varlen | packed-default | tuned-kernels | regions-ab. Carried wheels in .whl/ are installed to /tmp/site first.
+# full-stage | product-e2e | fused-gelu | spec-data | shapes | no-reads | final | batch32 | sync-find | overlap | text-kernels | host-bound | hwc-tiles | ab-base | stages | varlen | packed-default | tuned-kernels | regions-ab | vision-bf16 | vision-tower | tower-ab | tower-ab-b4. Carried wheels in .whl/ are installed to /tmp/site first.
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false TRANSFORMERS_VERBOSITY=error
 if [ -d .whl ]; then
@@ -224,6 +224,50 @@ case "${1:-}" in
     LIMIT=120 run $R --batch 16
     LIMIT=120 run $B --batch 16
     LIMIT=100 run $R --batch 4 --packing
+    ;;
+  vision-bf16)
+    # a frozen bf16 vision tower outside autocast (this tree) against BASE_SRC (the commit before, where CUDA's
+    # autocast made every layer norm's output float32), each profiled once (kernel time per step) and run once more
+    # without the profiler; then the default config (batch 4, packing); then inductor's layer-norm kernels kept
+    R="python3 bench/bench_train_run.py --root /tmp/vg-real --steps 60"
+    B="env PYTHONPATH=/tmp/site:$BASE_SRC:$BASE_SRC/../bench python3 $BASE_SRC/../bench/bench_train_run.py --root /tmp/vg-real --steps 60"
+    env PYTHONPATH=/tmp/site:$BASE_SRC python3 -c "import vlmgraft; print('base code', vlmgraft.__file__)" | tee -a "$OUT/env.txt"
+    LIMIT=240 run $R --batch 16 --profile "$OUT/profile_align_b16_vision_bf16.txt"
+    LIMIT=170 run $B --batch 16 --profile "$OUT/profile_align_b16_base.txt"
+    LIMIT=120 run $R --batch 16
+    LIMIT=120 run $B --batch 16
+    LIMIT=100 run $R --batch 4 --packing
+    mkdir -p "$OUT/inductor_layer_norm"
+    grep -rl --include='*.py' 'def triton_per_fused.*native_layer_norm' /tmp/torchinductor_* 2>/dev/null | head -40 \
+      | while read -r f; do cp "$f" "$OUT/inductor_layer_norm/$(basename "$(dirname "$f")")_$(basename "$f")"; done
+    ;;
+  vision-tower)
+    # the frozen vision tower's forward alone, compiled five ways (bench/bench_vision_tower.py), then align at batch
+    # 16 end to end: this tree (the tower as one compiled graph, outside autocast) against BASE_SRC
+    R="python3 bench/bench_train_run.py --root /tmp/vg-real --steps 60"
+    B="env PYTHONPATH=/tmp/site:$BASE_SRC:$BASE_SRC/../bench python3 $BASE_SRC/../bench/bench_train_run.py --root /tmp/vg-real --steps 60"
+    LIMIT=300 run python3 bench/bench_vision_tower.py
+    LIMIT=200 run $R --batch 16
+    LIMIT=120 run $B --batch 16
+    ;;
+  tower-ab)
+    # this tree (the frozen tower as one compiled graph outside autocast, its residual stream stored) against
+    # BASE_SRC, alternated; the first run profiled with every kernel listed; then the default config (batch 4, packing)
+    R="python3 bench/bench_train_run.py --root /tmp/vg-real --steps 60"
+    B="env PYTHONPATH=/tmp/site:$BASE_SRC:$BASE_SRC/../bench python3 $BASE_SRC/../bench/bench_train_run.py --root /tmp/vg-real --steps 60"
+    LIMIT=240 run $R --batch 16 --profile "$OUT/profile_align_b16_tower.txt"
+    LIMIT=120 run $B --batch 16
+    LIMIT=120 run $R --batch 16
+    LIMIT=120 run $B --batch 16
+    LIMIT=100 run $R --batch 4 --packing
+    ;;
+  tower-ab-b4)
+    # the default config (batch 4, packing): this tree against BASE_SRC, alternated
+    R="python3 bench/bench_train_run.py --root /tmp/vg-real --steps 60 --batch 4 --packing"
+    B="env PYTHONPATH=/tmp/site:$BASE_SRC:$BASE_SRC/../bench python3 $BASE_SRC/../bench/bench_train_run.py --root /tmp/vg-real --steps 60 --batch 4 --packing"
+    LIMIT=170 run $R
+    LIMIT=100 run $B
+    LIMIT=100 run $R
     ;;
   serve)
     LIMIT=560 run python3 bench/bench_serve.py

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from PIL import Image
@@ -18,7 +20,7 @@ from vlmgraft.train.speed import (
     patchify_with_matmul,
     settings_for_generation,
 )
-from vlmgraft.train.stages import prepare_model
+from vlmgraft.train.stages import prepare_model, unwrap_model
 from vlmgraft.train.trainer import drop_right_padding_mask, label_only_loss
 
 
@@ -139,12 +141,21 @@ def test_compiled_layers_train_the_same_and_keep_checkpoint_names(tiny_graft, st
     eager, compiled = _align_model(tiny_graft, stage), _align_model(tiny_graft, stage)
     names = set(compiled.state_dict())
     config = compiled.config
-    # align trains nothing in the vision encoder: one region for it, for fusion across its layers
-    vision_regions = 1 if stage == "align" else config.vision_config.num_hidden_layers
+    # align trains nothing in the vision tower: one region for its encoder (transformers' image path) and one graph
+    # for the whole tower (the collator's planned path), for fusion across its layers
+    vision_regions = 2 if stage == "align" else config.vision_config.num_hidden_layers
     assert compile_regions(compiled, SMOLVLM) == config.text_config.num_hidden_layers + vision_regions + 1  # connector
     assert set(compiled.state_dict()) == names  # no _orig_mod. prefix: checkpoints and merges are unchanged
-    for side in ("right", "left"):  # two batch shapes: a recompile, then the same results again
-        batch = _padded_batch(processor, side)
+    from vlmgraft.data.collate import VisionChatCollator
+    from vlmgraft.data.shapes import ShapesWorld
+    from vlmgraft.train.image_inputs import _COMPILED_TOWERS
+
+    assert (unwrap_model(compiled).get_submodule(SMOLVLM.vision) in _COMPILED_TOWERS) == (stage == "align")
+
+    collator = VisionChatCollator(processor, max_length=512)
+    planned = collator.to_device(collator(ShapesWorld(image_size=64, seed=4).vqa_samples(2, "en", "colour")), "cpu")
+    for batch in (_padded_batch(processor, "right"), _padded_batch(processor, "left"), planned):
+        # two shapes through transformers' path (a recompile, then the same results), then the collator's plan
         reference, result = _loss_and_grads(eager, batch), _loss_and_grads(compiled, batch)
         torch.testing.assert_close(result[0], reference[0], rtol=1e-4, atol=1e-5)
         for name, grad in reference[2].items():
@@ -152,7 +163,6 @@ def test_compiled_layers_train_the_same_and_keep_checkpoint_names(tiny_graft, st
     # Sample answers mid-training run the layers eagerly: generation compiles nothing new.
     from torch._dynamo.utils import counters
 
-    from vlmgraft.data.shapes import ShapesWorld
     from vlmgraft.train.callbacks import answer_samples
 
     graphs = counters["stats"]["unique_graphs"]
@@ -218,6 +228,44 @@ def test_image_features_placed_from_the_plan_match_transformers_path(tiny_graft,
     assert planned[2].keys() == reference[2].keys() and planned[2]
     for name, grad in reference[2].items():
         torch.testing.assert_close(planned[2][name], grad)
+
+
+@pytest.mark.parametrize("stage", ["align", "finetune"])
+def test_a_frozen_bf16_vision_tower_runs_outside_autocast_as_at_inference(tiny_graft, stage, monkeypatch):
+    """CUDA's autocast turns every layer norm's output float32, so a frozen bf16 tower under it wrote its features
+    as float32. `align` runs the tower as inference does (autocast off) and the trained connector under autocast;
+    `finetune` trains float32 vision layers, which need autocast. The features are those of the autocast path."""
+    from vlmgraft.data.collate import VisionChatCollator
+    from vlmgraft.data.shapes import ShapesWorld
+    from vlmgraft.train import image_inputs
+
+    processor = AutoProcessor.from_pretrained(tiny_graft)
+    collator = VisionChatCollator(processor, max_length=512)
+    batch = collator.to_device(collator(ShapesWorld(image_size=64, seed=4).vqa_samples(2, "en", "colour")), "cpu",
+                               torch.bfloat16)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_graft, dtype=torch.bfloat16, attn_implementation="sdpa")
+    model, _ = prepare_model(model, SMOLVLM, TrainConfig(model="m", data="d", stage=stage))
+    seen = {}
+
+    def record(name):
+        def hook(module, args):
+            seen[name] = torch.is_autocast_enabled("cpu")
+        return hook
+
+    for name in ("model.vision_model.encoder", "model.vision_model.post_layernorm", "model.connector"):
+        unwrap_model(model).get_submodule(name).register_forward_pre_hook(record(name))
+
+    def embeddings():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return image_inputs.images_into_embeddings(model, batch["input_ids"], batch["pixel_values"],
+                                                       batch["loss_plan"])
+
+    embeds = embeddings()
+    in_autocast = stage == "finetune"
+    assert seen == {"model.vision_model.encoder": in_autocast, "model.vision_model.post_layernorm": in_autocast,
+                    "model.connector": True}
+    monkeypatch.setattr(image_inputs, "frozen_vision_outside_autocast", lambda *a: contextlib.nullcontext())
+    torch.testing.assert_close(embeds, embeddings())
 
 
 def test_trainer_runs_the_planned_image_path_under_the_models_autocast(tiny_graft, tmp_path):

@@ -12,9 +12,20 @@ the features into the token embeddings with index operations, whose backward rea
 without a plan and models of another layout take transformers' own path. Under DDP the vision tower and connector
 then run outside DistributedDataParallel.forward; their gradients are still averaged, since DDP's reducer hooks each
 trained parameter's gradient whatever computed it, and every trained parameter gets one in each backward here.
+
+A vision tower that trains nothing and holds 16-bit weights (`align`) runs outside the step's autocast, as it does at
+inference. CUDA's autocast computes every layer norm in float32 and hands a float32 output on: the post-norm wrote
+the (tiles×1024, 768) features as float32 (0.9 ms per step of 16 samples on an H200, plus the casts before and after
+it), and the connector's pixel shuffle then moved float32 too. The values are the same either way: a bf16 layer
+norm also computes in float32 and rounds once, where autocast's output is rounded by the next matmul's cast.
+With `compile` on, such a tower (patch embeddings, encoder, post-norm) is one compiled graph (`compile_frozen_tower`),
+so the position embeddings' add and the post-norm fuse with their neighbours instead of running as eager kernels.
 """
 
 from __future__ import annotations
+
+import contextlib
+import weakref
 
 import torch
 
@@ -38,6 +49,46 @@ def _smolvlm_parts(model):
     return vision, connector
 
 
+def frozen_vision_outside_autocast(vision: torch.nn.Module, device: torch.device):
+    """Autocast switched off around a vision tower whose weights are all frozen and 16-bit; else nothing changes
+    (trained layers keep float32 master weights and need autocast to meet the frozen bf16 ones)."""
+    if not torch.is_autocast_enabled(device.type):
+        return contextlib.nullcontext()
+    frozen_16bit = all(not p.requires_grad and p.dtype in (torch.bfloat16, torch.float16) for p in vision.parameters())
+    return torch.autocast(device.type, enabled=False) if frozen_16bit else contextlib.nullcontext()
+
+
+def tower_features(vision: torch.nn.Module, tiles: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+    """Patch embeddings, encoder and post-norm over whole tiles (every patch real, so no attention mask)."""
+    hidden = vision.encoder(inputs_embeds=vision.embeddings(pixel_values=tiles, patch_attention_mask=patches))
+    return vision.post_layernorm(hidden.last_hidden_state)
+
+
+# Inductor recomputes a pointwise result in each kernel that reads it until it has accumulated 8 reads. Here that
+# is the residual stream: the fused add + layer-norm kernels re-read up to five (tiles×1024, 768) buffers instead of
+# one stored sum. Storing it once it reads more than two made those kernels 9.7 instead of 11.3 ms per 272 tiles on
+# an H200 (bench/bench_vision_tower.py, bench/RESULTS.md); a threshold of 1 gave 10.0.
+TOWER_INDUCTOR_OPTIONS = {"realize_acc_reads_threshold": 2}
+_COMPILED_TOWERS: weakref.WeakSet = weakref.WeakSet()
+_compiled_tower_features = None
+
+
+def compile_frozen_tower(model) -> bool:
+    """Run this model's vision tower through one compiled graph from now on, if it is a SmolVLM-layout tower that
+    trains nothing (a trained layer's backward needs its own boundaries: those stay compiled layer by layer)."""
+    global _compiled_tower_features
+    parts = _smolvlm_parts(model)
+    if parts is None or any(p.requires_grad for p in parts[0].parameters()):
+        return False
+    if _compiled_tower_features is None:
+        import torch._inductor.config as inductor_config
+
+        options = {k: v for k, v in TOWER_INDUCTOR_OPTIONS.items() if hasattr(inductor_config, k)}
+        _compiled_tower_features = torch.compile(tower_features, options=options or None)
+    _COMPILED_TOWERS.add(parts[0])
+    return True
+
+
 def images_into_embeddings(model, input_ids: torch.Tensor, pixel_values: torch.Tensor, plan) -> torch.Tensor | None:
     """Token embeddings with every image token replaced by its tile's features; None where this path does not apply
     (no positions in the plan, or not a SmolVLM-layout model)."""
@@ -49,14 +100,15 @@ def images_into_embeddings(model, input_ids: torch.Tensor, pixel_values: torch.T
     tiles = pixel_values.flatten(0, 1)
     if plan.tile_index.numel() != tiles.shape[0]:  # some rows have padding tiles
         tiles = tiles.index_select(0, to_device_nonblocking(plan.tile_index, device))
-    embedding = vision.embeddings
-    tiles = tiles.to(embedding.patch_embedding.weight.dtype)
+    tiles = tiles.to(vision.embeddings.patch_embedding.weight.dtype)
     # The collator's real tiles are whole (its pixel mask is all true there), so every patch is real.
-    size = embedding.patch_size
+    size = vision.embeddings.patch_size
     patches = torch.ones((tiles.shape[0], tiles.shape[2] // size, tiles.shape[3] // size), dtype=torch.bool,
                          device=device)
-    hidden = vision.encoder(inputs_embeds=embedding(pixel_values=tiles, patch_attention_mask=patches)).last_hidden_state
-    features = connector(vision.post_layernorm(hidden))
+    features_of = _compiled_tower_features if vision in _COMPILED_TOWERS else tower_features
+    with frozen_vision_outside_autocast(vision, device):
+        hidden = features_of(vision, tiles, patches)
+    features = connector(hidden)
     embeds = unwrap_model(model).get_input_embeddings()(input_ids)
     width = embeds.shape[-1]
     # index_copy checks on the CPU that there are as many features as image tokens (shapes only, no GPU read).

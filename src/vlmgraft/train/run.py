@@ -186,8 +186,8 @@ def train(config: TrainConfig, force: bool = False, callbacks: tuple = (), echo=
         patchify_with_matmul(model, family)
         fuse_mlp_gelu(model, family)
     if compile_enabled(config.compile):
-        echo(f"compiling {compile_regions(model, family)} regions one by one (decoder layers, the vision encoder or "
-             f"its layers, the connector; the first steps are slower while they compile)")
+        echo(f"compiling {compile_regions(model, family)} regions one by one (decoder layers, the frozen vision "
+             f"tower whole or its trained layers, the connector; the first steps are slower while they compile)")
 
     train_ds, eval_ds = _datasets(config)
     collator = _collator(processor, config)

@@ -12,7 +12,8 @@ no CPU backward). A batch in which no two samples share a row (image-heavy sampl
 Compilation (`compile`, on by default on CUDA): every repeated block (LLM decoder layers, vision encoder layers) and
 the connector is compiled on its own, in place. Identical blocks share one compiled graph, so compiling costs one
 block's time instead of the whole model's, and a new sequence length recompiles one small graph once (then shapes go
-dynamic). A vision encoder that trains nothing (`align`) is compiled whole instead, for the fusion across layers.
+dynamic). A vision tower that trains nothing (`align`) is compiled whole instead (patch embeddings, encoder and
+post-norm as one graph, `image_inputs.compile_frozen_tower`), for the fusion across layers.
 transformers' `TrainingArguments.torch_compile` compiles the whole model as one graph instead, and parameter names
 would gain an `_orig_mod.` prefix; an in-place `Module.compile()` keeps checkpoints and PEFT adapters unchanged.
 
@@ -37,6 +38,7 @@ import torch.nn.functional as F
 
 from vlmgraft.errors import VlmgraftError
 from vlmgraft.graft.families import DonorFamily
+from vlmgraft.train.image_inputs import compile_frozen_tower
 from vlmgraft.train.stages import unwrap_model
 
 log = logging.getLogger(__name__)
@@ -71,8 +73,8 @@ def compile_enabled(setting: bool | None) -> bool:
 
 
 def compiled_regions(model, family: DonorFamily) -> list[torch.nn.Module]:
-    """What `compile_regions` compiles: each LLM decoder layer, the vision encoder (whole when nothing in it trains,
-    else layer by layer) and the connector."""
+    """The modules `compile_regions` compiles in place: each LLM decoder layer, the vision encoder (whole when nothing
+    in it trains, else layer by layer) and the connector."""
     base = unwrap_model(model)
     encoder = base.get_submodule(family.vision_layers.rpartition(".")[0])
     frozen = not any(p.requires_grad for p in encoder.parameters())
@@ -81,10 +83,12 @@ def compiled_regions(model, family: DonorFamily) -> list[torch.nn.Module]:
 
 
 def compile_regions(model, family: DonorFamily) -> int:
-    """Compile the regions of `compiled_regions` in place; returns how many. A frozen encoder is one region because
-    inductor then fuses each layer's last residual add into the next layer's first norm (one pass over the
-    (tiles×1024, 768) activations instead of two, per layer); a trained layer's backward needs the layer boundary
-    kept anyway. The connector's pixel shuffle is two permuted copies of the vision output when eager, one compiled."""
+    """Compile the regions of `compiled_regions` in place, and a vision tower that trains nothing as one more graph
+    (`compile_frozen_tower`: embeddings, encoder and post-norm, which the training step's image path runs; the
+    encoder region serves transformers' own path). Returns how many. A frozen encoder is whole because inductor
+    then fuses each layer's last residual add into the next layer's first norm (one pass over the (tiles×1024, 768)
+    activations instead of two, per layer); a trained layer's backward needs the layer boundary kept anyway. The
+    connector's pixel shuffle is two permuted copies of the vision output when eager, one compiled."""
     blocks = compiled_regions(model, family)
     # All blocks of one type share one code object and so one cache of compiled graphs: a static and a dynamic
     # graph for training, the same again for evaluation (no grad), per block type.
@@ -92,8 +96,9 @@ def compile_regions(model, family: DonorFamily) -> int:
     config.cache_size_limit = max(config.cache_size_limit, 16)
     for block in blocks:
         block.compile()
-    log.info("compiled %d regions (regional torch.compile; the first steps include compilation)", len(blocks))
-    return len(blocks)
+    count = len(blocks) + compile_frozen_tower(model)
+    log.info("compiled %d regions (regional torch.compile; the first steps include compilation)", count)
+    return count
 
 
 def _patchify_forward(self, pixels: torch.Tensor) -> torch.Tensor:
