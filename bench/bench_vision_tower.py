@@ -21,13 +21,13 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_attention import timed
 from bench_train import build_model
 
 from vlmgraft.graft.families import SMOLVLM
@@ -41,18 +41,6 @@ KINDS = (("matmul", ("nvjet", "gemm", "cutlass", "sm90_xmma")), ("attention", ("
 
 def kind_of(name: str) -> str:
     return next((kind for kind, keys in KINDS if any(k in name for k in keys)), "other")
-
-
-def timed(fn, iters: int) -> float:
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def kernel_ms(fn, calls: int = 3) -> tuple[dict, list]:
