@@ -49,13 +49,25 @@ def _smolvlm_parts(model):
     return vision, connector
 
 
+_FROZEN_16BIT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _frozen_16bit(vision: torch.nn.Module) -> bool:
+    """Whether every weight of the tower is frozen and 16-bit: worked out at the first step, not at every one (a
+    stage sets what trains before training starts)."""
+    verdict = _FROZEN_16BIT.get(vision)
+    if verdict is None:
+        verdict = _FROZEN_16BIT[vision] = all(not p.requires_grad and p.dtype in (torch.bfloat16, torch.float16)
+                                              for p in vision.parameters())
+    return verdict
+
+
 def frozen_vision_outside_autocast(vision: torch.nn.Module, device: torch.device):
     """Autocast switched off around a vision tower whose weights are all frozen and 16-bit; else nothing changes
     (trained layers keep float32 master weights and need autocast to meet the frozen bf16 ones)."""
-    if not torch.is_autocast_enabled(device.type):
-        return contextlib.nullcontext()
-    frozen_16bit = all(not p.requires_grad and p.dtype in (torch.bfloat16, torch.float16) for p in vision.parameters())
-    return torch.autocast(device.type, enabled=False) if frozen_16bit else contextlib.nullcontext()
+    if torch.is_autocast_enabled(device.type) and _frozen_16bit(vision):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def tower_features(vision: torch.nn.Module, tiles: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
