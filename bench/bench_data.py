@@ -53,7 +53,8 @@ def _image(args: tuple[int, int, int]) -> bytes:
     return buffer.getvalue()
 
 
-def write_parquet(path: Path, rows: int, width: int, height: int, seed: int = 0) -> Path:
+def write_parquet(path: Path, rows: int, width: int, height: int, seed: int = 0,
+                  answer_words: tuple[int, int] = (2, 20)) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -64,7 +65,7 @@ def write_parquet(path: Path, rows: int, width: int, height: int, seed: int = 0)
     texts = []
     for _ in range(rows):
         question = " ".join(rng.choice(WORDS, 12)) + "?"
-        answer = " ".join(rng.choice(WORDS, int(rng.integers(2, 20)))) + "."
+        answer = " ".join(rng.choice(WORDS, int(rng.integers(*answer_words)))) + "."
         texts.append([{"user": question, "assistant": answer, "source": "bench"}])
     table = pa.table({"images": [[{"bytes": j, "path": None}] for j in jpegs], "texts": texts})
     pq.write_table(table, path, row_group_size=32)
@@ -89,13 +90,18 @@ def write_messages_jsonl(folder: Path, rows: int, width: int, height: int, seed:
     return folder / "bench.jsonl"
 
 
-def write_data(folder: Path, rows: int, width: int, height: int) -> tuple[Path, str]:
-    """Cauldron parquet when pyarrow is installed, else the messages-jsonl equivalent."""
+def write_data(folder: Path, rows: int, width: int, height: int,
+               answer_words: tuple[int, int] = (2, 20)) -> tuple[Path, str]:
+    """Cauldron parquet when pyarrow is installed, else the messages-jsonl equivalent (answers of `answer_words`
+    words: the default gives ~1,410 tokens per sample, (170, 180) 1,980–2,020 with the bench graft's tokenizer)."""
     try:
         import pyarrow  # noqa: F401
     except ImportError:
+        if answer_words != (2, 20):
+            raise SystemExit("longer answers need pyarrow (Cauldron parquet)") from None
         return write_messages_jsonl(folder / "jsonl", rows, width, height), "messages"
-    return write_parquet(folder / "bench.parquet", rows, width, height), "cauldron"
+    name = "bench.parquet" if answer_words == (2, 20) else f"bench_answers_{answer_words[0]}_{answer_words[1]}.parquet"
+    return write_parquet(folder / name, rows, width, height, answer_words=answer_words), "cauldron"
 
 
 def real_size_processor(folder: Path):

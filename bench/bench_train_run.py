@@ -99,9 +99,11 @@ def kernel_table(events, steps: int, rows: int = 120) -> str:
 
 def busy_seconds(events) -> float:
     """Time the GPU ran anything: the union of kernel and copy intervals (summing per-name totals counts an event
-    listed under two names twice)."""
+    listed under two names twice). Inductor's "## Call CompiledFxGraph ... ##" ranges are left out: they span a
+    compiled graph from its first kernel to its last, gaps included (at batch 4 they made 60.6 ms of kernels per
+    step read as 75.6 ms busy, bench/RESULTS.md)."""
     spans = sorted((e.time_range.start, e.time_range.end) for e in events
-                   if e.device_type == torch.autograd.DeviceType.CUDA)
+                   if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith("## "))
     busy, reach = 0.0, float("-inf")
     for start, end in spans:
         if end > reach:
@@ -171,18 +173,26 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--compile", action="store_true", help="compile the layers (default: on where supported)")
     parser.add_argument("--packing", action="store_true")
-    parser.add_argument("--profile", default="", help="write a profile of three steps from the middle of the run to this file")
+    parser.add_argument("--accumulation", type=int, default=1, help="gradient_accumulation_steps (the example "
+                        "align.yaml: 8); --steps counts optimizer steps")
+    parser.add_argument("--answer-words", default="2,20", help="answer length range in words (170,180: samples of "
+                        "1,980-2,020 tokens, near max_length 2048, for the worst-case memory)")
+    parser.add_argument("--log-every", type=int, default=5, help="optimizer steps per logged window")
+    parser.add_argument("--profile", default="", help="write a profile of steps from the middle of the run to this file")
+    parser.add_argument("--profile-steps", type=int, default=3, help="how many steps --profile records")
     parser.add_argument("--sync-debug", default="", help="write every CPU-GPU synchronisation of two steps, with its "
                         "stack, to this file")
     args = parser.parse_args()
     graft = ensure_graft(args.root)
     data_dir = args.root / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
-    data, fmt = write_data(data_dir, 128, 2048, 1600)
+    answer_words = tuple(int(n) for n in args.answer_words.split(","))
+    data, fmt = write_data(data_dir, 128, 2048, 1600, answer_words=answer_words)
     mixture = data_dir / "mixture.yaml"
     mixture.write_text(yaml.safe_dump({"sources": [{"path": f"{fmt}:{data}", "weight": 32}]}))
     config = TrainConfig(model=str(graft), data=str(mixture), output_dir=str(args.root / "run"), stage=args.stage,
-                         per_device_train_batch_size=args.batch, max_steps=args.steps, logging_steps=5,
+                         per_device_train_batch_size=args.batch, max_steps=args.steps, logging_steps=args.log_every,
+                         gradient_accumulation_steps=args.accumulation,
                          save_steps=10**6, num_sample_images=0, report_to=[], compile=args.compile or None)
     config.data_settings.num_workers = int(args.workers) if args.workers.isdigit() else args.workers
     config.data_settings.eval_size = 0
@@ -190,7 +200,7 @@ def main() -> None:
     torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     logged = Windows()
-    callbacks = (logged, ProfileSteps(args.profile, start=args.steps // 2)) if args.profile else (logged,)
+    callbacks = (logged, ProfileSteps(args.profile, start=args.steps // 2, count=args.profile_steps)) if args.profile else (logged,)
     if args.sync_debug:
         callbacks += (SyncStacks(args.sync_debug, start=args.steps // 2 + 4),)
     train(config, force=True, callbacks=callbacks, echo=lambda *a: print(*a, file=sys.stderr))

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,24 @@ def test_killed_run_resumes_with_the_same_data_order_and_loss_curve(tiny_graft, 
     meta = json.loads((out / "checkpoint-6" / "vlmgraft_checkpoint.json").read_text())
     assert meta["stage"] == "align" and Path(meta["base_model"]) == Path(tiny_graft).resolve()
     assert (out / "final" / "config.json").exists() and (out / "final" / "processor_config.json").exists()
+
+
+class SeeCheckpointing(TrainerCallback):
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        name = "is_activation_checkpointing" if hasattr(model, "is_activation_checkpointing") else \
+            "is_gradient_checkpointing"
+        self.enabled = getattr(model, name)
+
+
+def test_gradient_checkpointing_switch_reaches_the_model_without_deprecation_warnings(tiny_graft, vqa_data, tmp_path):
+    seen = SeeCheckpointing()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(_config(tiny_graft, vqa_data, tmp_path / "ckpt", max_steps=2, save_steps=100, gradient_checkpointing=True),
+              callbacks=(seen,), echo=lambda *_: None)
+    assert seen.enabled
+    assert not [w for w in caught if "checkpointing` is deprecated" in str(w.message)
+                and "training_args" in w.filename]
 
 
 def test_finished_run_and_foreign_folder_are_not_overwritten(tiny_graft, vqa_data, tmp_path):

@@ -78,7 +78,7 @@ class TrainConfig:
     warmup_ratio: float = 0.1
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
-    per_device_train_batch_size: int = 4  # align at real size: 8.2 GiB peak compiled, 11.5 eager (bench/RESULTS.md)
+    per_device_train_batch_size: int = 4  # align at real size: 7.7-13.7 GiB peak compiled (bench/RESULTS.md)
     per_device_eval_batch_size: int = 8
     gradient_accumulation_steps: int = 1
     num_train_epochs: float = 1.0

@@ -87,6 +87,16 @@ def _load_model(config: TrainConfig):
     return model, processor
 
 
+def _checkpointing_arguments(enabled: bool) -> dict:
+    """Activation checkpointing for TrainingArguments, under the name this transformers uses (5.2x renamed
+    `gradient_checkpointing` to `activation_checkpointing` and warns at every run that passes the old one)."""
+    if not enabled:
+        return {}
+    fields = TrainingArguments.__dataclass_fields__
+    name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    return {name: True, f"{name}_kwargs": {"use_reentrant": False}}
+
+
 def _training_arguments(config: TrainConfig, has_eval: bool) -> TrainingArguments:
     use_bf16 = _use_bf16(config)
     workers = loader_workers(config.data_settings.num_workers, torch.cuda.is_available())
@@ -97,8 +107,7 @@ def _training_arguments(config: TrainConfig, has_eval: bool) -> TrainingArgument
         max_grad_norm=config.max_grad_norm, per_device_train_batch_size=config.per_device_train_batch_size,
         per_device_eval_batch_size=config.per_device_eval_batch_size,
         gradient_accumulation_steps=config.gradient_accumulation_steps, num_train_epochs=config.num_train_epochs,
-        max_steps=config.max_steps, bf16=use_bf16, gradient_checkpointing=config.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
+        max_steps=config.max_steps, bf16=use_bf16, **_checkpointing_arguments(config.gradient_checkpointing),
         logging_steps=config.logging_steps,
         # The Trainer's NaN/inf filter reads every step's loss back from the GPU (two waits per step) to hide a
         # non-finite loss from the log; a graft run wants that loss seen, and the GPU never waited on.
