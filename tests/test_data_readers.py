@@ -272,3 +272,19 @@ def test_streaming_shards_across_workers_and_holds_out_eval(tmp_path):
     loader = torch.utils.data.DataLoader(stream, batch_size=4, num_workers=2, collate_fn=lambda b: b)
     origins = [s.origin for batch in loader for s in batch]
     assert len(stream) == 10 and sorted(origins) == sorted(f"{parquet}[{i}]" for i in range(10))
+
+
+def test_random_access_handle_is_closed_with_the_dataset(tmp_path):
+    import gc
+    import warnings
+
+    path = WORLD.write(tmp_path, "messages", 3, lang="en", task="colour")
+    source = MessagesSource(path)
+    first = source.raw(0)
+    source.close()
+    assert source.raw(0) == first  # reopened on the next access
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        del source
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]

@@ -93,6 +93,7 @@ class JsonlSource(Source):
         if self._offsets is None:
             raise VlmgraftError(f"{self.path} was opened for streaming; random access needs streaming=False")
         if self._handle is None or self._handle_pid != os.getpid():  # one handle per worker process
+            self.close()  # a forked worker's copy of its parent's handle
             self._handle, self._handle_pid = open(self.path, "rb"), os.getpid()  # noqa: SIM115
         self._handle.seek(int(self._offsets[index]))
         return {"line": int(self._lines[index]), "row": self._loads(self._handle.readline(), self.origin(index))}
@@ -120,6 +121,16 @@ class JsonlSource(Source):
         messages, refs = self._checked(raw["row"], origin)
         images = decode_images(refs, self.base_dir, self.policy, origin)
         return Sample(messages=messages, images=images, source=self.name, origin=origin)
+
+    def close(self) -> None:
+        """Close the file handle that random access keeps open (reopened on the next access)."""
+        handle = getattr(self, "_handle", None)
+        if handle is not None:
+            handle.close()
+        self._handle = None
+
+    def __del__(self):
+        self.close()
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
