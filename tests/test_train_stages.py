@@ -112,6 +112,26 @@ def test_label_only_loss_equals_the_full_vocabulary_loss(tiny_graft):
     assert torch.allclose(mine, reference, atol=1e-5)
 
 
+def test_flops_estimate_is_the_trainers_with_the_parameters_counted_once(tiny_graft, monkeypatch):
+    from types import SimpleNamespace
+
+    from transformers import Trainer
+
+    from vlmgraft.train.trainer import GraftTrainer
+
+    model = _model(tiny_graft)
+    batch = _batch(AutoProcessor.from_pretrained(tiny_graft))
+    expected = Trainer.floating_point_ops(SimpleNamespace(model=model), batch)
+    counted = []
+    real_count = model.num_parameters
+    monkeypatch.setattr(model, "num_parameters", lambda **kw: counted.append(kw) or real_count(**kw))
+    trainer = SimpleNamespace(model=model, _parameter_count=None)
+    assert expected > 0
+    assert [GraftTrainer.floating_point_ops(trainer, batch) for _ in range(3)] == [expected] * 3
+    assert counted == [{"exclude_embeddings": True}]
+    assert GraftTrainer.floating_point_ops(trainer, {"pixel_values": batch["pixel_values"]}) == 0
+
+
 def test_noise_images_keep_padding_tiles_zero():
     pixels = torch.randn(2, 3, 3, 8, 8)
     pixels[1, 2] = 0  # a padding tile
