@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmark session as run on the lent H100 or H200 (see bench/RESULTS.md). Usage: bash bench/gpu_session.sh PART
 # PART: build-train | data-e2e | memory-finetune | serve | speed-train[-2|-3] | serve-and-profile | serve-compile |
-# full-stage | product-e2e | fused-gelu | spec-data | shapes | no-reads | final | batch32 | sync-find | overlap | text-kernels | host-bound | hwc-tiles | ab-base | stages | varlen | packed-default | tuned-kernels | regions-ab | vision-bf16 | vision-tower | tower-ab | tower-ab-b4 | b4-host | b8-default | ce-chunks. Carried wheels in .whl/ are installed to /tmp/site first.
+# full-stage | product-e2e | fused-gelu | spec-data | shapes | no-reads | final | batch32 | sync-find | overlap | text-kernels | host-bound | hwc-tiles | ab-base | stages | varlen | packed-default | tuned-kernels | regions-ab | vision-bf16 | vision-tower | tower-ab | tower-ab-b4 | b4-host | b8-default | ce-chunks | graphs-b4. Carried wheels in .whl/ are installed to /tmp/site first.
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false TRANSFORMERS_VERBOSITY=error
 if [ -d .whl ]; then
@@ -305,6 +305,13 @@ case "${1:-}" in
     LIMIT=90 run $B --batch 8 --steps 60
     LIMIT=80 run $R --batch 4 --steps 30 --answer-words 170,180
     LIMIT=90 run $R --batch 16 --steps 60
+    ;;
+  graphs-b4)
+    # CUDA graphs for every compiled region with one generation of graph memory per training step
+    # (`mark_cuda_graph_step`), against the plain run, at the default batch (4, packing)
+    R="python3 bench/bench_train_run.py --root /tmp/vg-real --batch 4 --packing --steps 80"
+    LIMIT=150 run env TORCHINDUCTOR_CUDAGRAPHS=1 $R
+    LIMIT=60 run $R
     ;;
   serve)
     LIMIT=560 run python3 bench/bench_serve.py

@@ -91,6 +91,18 @@ def test_gradient_checkpointing_switch_reaches_the_model_without_deprecation_war
                 and "training_args" in w.filename]
 
 
+def test_cuda_graphs_switched_on_get_one_step_mark_per_training_step(tiny_graft, vqa_data, tmp_path, monkeypatch):
+    import torch
+
+    marks = []
+    monkeypatch.setattr(torch._inductor.config.triton, "cudagraphs", True)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    config = _config(tiny_graft, vqa_data, tmp_path / "graphs", max_steps=3, save_steps=100,
+                     gradient_accumulation_steps=2)
+    train(config, echo=lambda *_: None)
+    assert len(marks) == 6  # one per micro-batch: regions called within one step share a generation of graphs
+
+
 def test_finished_run_and_foreign_folder_are_not_overwritten(tiny_graft, vqa_data, tmp_path):
     out = tmp_path / "run"
     train(_config(tiny_graft, vqa_data, out, max_steps=1), echo=lambda *_: None)

@@ -173,6 +173,15 @@ def sdpa_for_unpacked_rows(model, inputs: dict):
         config._attn_implementation = FLEX
 
 
+def mark_cuda_graph_step() -> None:
+    """With inductor's CUDA graphs switched on (`TORCHINDUCTOR_CUDAGRAPHS=1`, an experiment so far: bench/RESULTS.md),
+    mark where a step begins. Every compiled region is a torch.compile call of its own, and for regions that run
+    without gradients (the tile normalisation, a frozen tower) each call would start a new generation of graph
+    memory and free the outputs of the region before it, which the next region is about to read."""
+    if torch._inductor.config.triton.cudagraphs:
+        torch.compiler.cudagraph_mark_step_begin()
+
+
 @contextlib.contextmanager
 def settings_for_generation(model):
     """Generate answers mid-training with SDPA and without the compiled layers. Cached decoding would rebuild a flex

@@ -27,7 +27,7 @@ from vlmgraft.graft.families import DonorFamily
 from vlmgraft.train.callbacks import ProgressWithRates
 from vlmgraft.train.config import TrainConfig
 from vlmgraft.train.image_inputs import images_into_embeddings, to_device_nonblocking
-from vlmgraft.train.speed import compile_enabled, sdpa_for_unpacked_rows, text_config
+from vlmgraft.train.speed import compile_enabled, mark_cuda_graph_step, sdpa_for_unpacked_rows, text_config
 from vlmgraft.train.stages import optimizer_groups, unwrap_model
 
 log = logging.getLogger(__name__)
@@ -139,10 +139,12 @@ class GraftTrainer(Trainer):
         return self._tiles_stream
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        mark_cuda_graph_step()
         with sdpa_for_unpacked_rows(model, inputs):
             return super().training_step(model, inputs, num_items_in_batch)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        mark_cuda_graph_step()
         with sdpa_for_unpacked_rows(model, inputs):
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
 
@@ -215,6 +217,7 @@ class GraftTrainer(Trainer):
         for batch in loader:
             if batches >= self.probe_batches:
                 break
+            mark_cuda_graph_step()
             batch = self._prepare_inputs(batch)
             if "pixel_values" not in batch:
                 continue
