@@ -88,8 +88,8 @@ def _load_model(config: TrainConfig):
 
 
 def _checkpointing_arguments(enabled: bool) -> dict:
-    """Activation checkpointing for TrainingArguments, under the name this transformers uses (5.2x renamed
-    `gradient_checkpointing` to `activation_checkpointing` and warns at every run that passes the old one)."""
+    """Activation checkpointing for TrainingArguments, under the name this transformers uses: 5.24 calls it
+    `activation_checkpointing` and warns at every run that passes the old `gradient_checkpointing`."""
     if not enabled:
         return {}
     fields = TrainingArguments.__dataclass_fields__
