@@ -150,10 +150,11 @@ class SyncStacks(TrainerCallback):
 
 
 class Windows(TrainerCallback):
-    """The trainer's own throughput logs, and the trained model's matmul FLOPs per sample (for the MFU)."""
+    """The trainer's own throughput and loss logs, and the trained model's matmul FLOPs per sample (for the MFU)."""
 
     def __init__(self):
         self.seen: list[tuple[float, float]] = []
+        self.losses: list[float] = []  # the same seed and data give the same curve: a check on speed switches
         self.model = None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -162,6 +163,7 @@ class Windows(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "samples_per_second" in logs:
             self.seen.append((logs["samples_per_second"], logs["tokens_per_second"]))
+            self.losses.append(round(float(logs["loss"]), 4))
 
 
 def main() -> None:
@@ -215,7 +217,7 @@ def main() -> None:
         "bench": "train_run", **{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "samples_per_s": round(samples_per_s, 2) if samples_per_s else None,
         "tokens_per_s": round(tokens_per_s) if tokens_per_s else None, "mfu_vs_989tflops": mfu,
-        "windows": windows, "wall_s": round(time.perf_counter() - started, 1),
+        "windows": windows, "losses": logged.losses, "wall_s": round(time.perf_counter() - started, 1),
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "data_format": fmt,
         "device": torch.cuda.get_device_name(), "torch": torch.__version__,
         "cmd": "python " + " ".join(sys.argv)}))

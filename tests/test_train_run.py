@@ -91,16 +91,38 @@ def test_gradient_checkpointing_switch_reaches_the_model_without_deprecation_war
                 and "training_args" in w.filename]
 
 
-def test_cuda_graphs_switched_on_get_one_step_mark_per_training_step(tiny_graft, vqa_data, tmp_path, monkeypatch):
+def test_cuda_graph_steps_are_marked_and_accumulate_into_their_own_buffers(tiny_graft, vqa_data, tmp_path,
+                                                                           monkeypatch):
     import torch
 
-    marks = []
+    def run(name):
+        config = _config(tiny_graft, vqa_data, tmp_path / name, max_steps=3, save_steps=3,
+                         gradient_accumulation_steps=2)
+        train(config, echo=lambda *_: None)
+        return _losses(tmp_path / name / "checkpoint-3" / "trainer_state.json")
+
+    plain = run("plain")
+    marks, grads_at_mark = [], []
+
+    def mark():  # on the CPU nothing is replayed; record what the step starts with
+        marks.append(1)
+
+    original = torch.nn.Module.parameters
     monkeypatch.setattr(torch._inductor.config.triton, "cudagraphs", True)
-    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
-    config = _config(tiny_graft, vqa_data, tmp_path / "graphs", max_steps=3, save_steps=100,
-                     gradient_accumulation_steps=2)
-    train(config, echo=lambda *_: None)
-    assert len(marks) == 6  # one per micro-batch: regions called within one step share a generation of graphs
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", mark)
+    from vlmgraft.train import speed
+
+    def spy(model=None):
+        speed_mark(model)
+        if model is not None:
+            grads_at_mark.append(all(p.grad is not None for p in original(model) if p.requires_grad))
+
+    speed_mark = speed.mark_cuda_graph_step
+    monkeypatch.setattr("vlmgraft.train.trainer.mark_cuda_graph_step", spy)
+    graphs = run("graphs")
+    assert len(marks) == 6  # one per micro-batch: the regions of one micro-batch share a generation of graphs
+    assert grads_at_mark == [True] * 6  # gradients land in buffers made outside the graphs' memory
+    assert graphs == pytest.approx(plain, rel=1e-6)  # and the run learns exactly as without
 
 
 def test_finished_run_and_foreign_folder_are_not_overwritten(tiny_graft, vqa_data, tmp_path):

@@ -139,7 +139,7 @@ class GraftTrainer(Trainer):
         return self._tiles_stream
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        mark_cuda_graph_step()
+        mark_cuda_graph_step(model)
         with sdpa_for_unpacked_rows(model, inputs):
             return super().training_step(model, inputs, num_items_in_batch)
 
