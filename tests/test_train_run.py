@@ -17,6 +17,7 @@ from vlmgraft.data.shapes import ShapesWorld
 from vlmgraft.errors import VlmgraftError
 from vlmgraft.train.config import TrainConfig
 from vlmgraft.train.run import train
+from vlmgraft.train.speed import mark_cuda_graph_step
 
 HELPER = Path(__file__).parent / "helpers" / "ddp_train.py"
 
@@ -104,20 +105,13 @@ def test_cuda_graph_steps_are_marked_and_accumulate_into_their_own_buffers(tiny_
     plain = run("plain")
     marks, grads_at_mark = [], []
 
-    def mark():  # on the CPU nothing is replayed; record what the step starts with
-        marks.append(1)
-
-    original = torch.nn.Module.parameters
-    monkeypatch.setattr(torch._inductor.config.triton, "cudagraphs", True)
-    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", mark)
-    from vlmgraft.train import speed
-
-    def spy(model=None):
-        speed_mark(model)
+    def spy(model=None):  # on the CPU nothing is replayed: record what each micro-batch starts with
+        mark_cuda_graph_step(model)
         if model is not None:
-            grads_at_mark.append(all(p.grad is not None for p in original(model) if p.requires_grad))
+            grads_at_mark.append(all(p.grad is not None for p in model.parameters() if p.requires_grad))
 
-    speed_mark = speed.mark_cuda_graph_step
+    monkeypatch.setattr(torch._inductor.config.triton, "cudagraphs", True)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
     monkeypatch.setattr("vlmgraft.train.trainer.mark_cuda_graph_step", spy)
     graphs = run("graphs")
     assert len(marks) == 6  # one per micro-batch: the regions of one micro-batch share a generation of graphs
