@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import types
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -173,26 +174,28 @@ def sdpa_for_unpacked_rows(model, inputs: dict):
         config._attn_implementation = FLEX
 
 
-def cuda_graphs_on() -> bool:
-    """Inductor replays compiled regions as CUDA graphs (`TORCHINDUCTOR_CUDAGRAPHS=1`; an experiment so far, not a
-    vlmgraft setting: bench/RESULTS.md, ninth lease)."""
-    return bool(torch._inductor.config.triton.cudagraphs)
+_TRAINED_PARAMETERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def mark_cuda_graph_step(model=None) -> None:
-    """Where a step (a micro-batch) begins, under CUDA graphs; nothing otherwise. Every compiled region is a
-    torch.compile call of its own, and for regions that run without gradients (the tile normalisation, a frozen
-    tower) each call would start a new generation of graph memory and free the outputs of the region before it,
-    which the next region is about to read. Given the model (training), the trained parameters also get zeroed
-    `.grad` buffers outside the graphs' memory where they have none: a gradient that a compiled backward hands over
-    lives in that memory, which the next micro-batch's graphs overwrite, so gradient accumulation would read
-    overwritten values; with a buffer in place autograd adds into it instead."""
-    if not cuda_graphs_on():
+    """Where a step (a micro-batch) begins when inductor replays compiled regions as CUDA graphs
+    (`TORCHINDUCTOR_CUDAGRAPHS=1`; an experiment so far, not a vlmgraft setting: bench/RESULTS.md, ninth lease);
+    nothing otherwise. Every compiled region is a torch.compile call of its own, and for regions that run without
+    gradients (the tile normalisation, a frozen tower) each call would start a new generation of graph memory and
+    free the outputs of the region before it, which the next region is about to read. Given the model (training),
+    the trained parameters also get zeroed `.grad` buffers outside the graphs' memory where they have none: a
+    gradient that a compiled backward hands over lives in that memory, which the next micro-batch's graphs
+    overwrite, so gradient accumulation would read overwritten values; with a buffer in place autograd adds into it.
+    The trained parameters are listed once per model (a stage fixes them before training starts)."""
+    if not torch._inductor.config.triton.cudagraphs:
         return
     torch.compiler.cudagraph_mark_step_begin()
     if model is not None:
-        for param in model.parameters():
-            if param.requires_grad and param.grad is None:
+        trained = _TRAINED_PARAMETERS.get(model)
+        if trained is None:
+            trained = _TRAINED_PARAMETERS[model] = [p for p in model.parameters() if p.requires_grad]
+        for param in trained:
+            if param.grad is None:
                 param.grad = torch.zeros_like(param)
 
 
