@@ -110,7 +110,8 @@ def test_cuda_graph_steps_are_marked_and_accumulate_into_their_own_buffers(tiny_
         if model is not None:
             grads_at_mark.append(all(p.grad is not None for p in model.parameters() if p.requires_grad))
 
-    monkeypatch.setattr(torch._inductor.config.triton, "cudagraphs", True)
+    monkeypatch.setattr(torch._inductor.config.triton, "cudagraphs", False)  # restored after the test
+    monkeypatch.setattr("vlmgraft.train.run.cuda_graphs_enabled", lambda *_: True)
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
     monkeypatch.setattr("vlmgraft.train.trainer.mark_cuda_graph_step", spy)
     graphs = run("graphs")

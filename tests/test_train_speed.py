@@ -85,6 +85,19 @@ def test_attention_choice():
         attention_for(FLEX, packing=True, cuda=False)
 
 
+def test_cuda_graphs_are_off_unless_asked_and_refused_where_nothing_is_compiled(monkeypatch):
+    from vlmgraft.train.speed import cuda_graphs_enabled
+
+    assert TrainConfig().cuda_graphs is False  # every new batch shape records new graphs: opt-in only
+    with pytest.raises(VlmgraftError, match="cuda_graphs"):
+        cuda_graphs_enabled(True, compiled=True)  # this CPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert cuda_graphs_enabled(True, compiled=True)
+    assert not cuda_graphs_enabled(False, compiled=True)
+    with pytest.raises(VlmgraftError, match="compile"):
+        cuda_graphs_enabled(True, compiled=False)
+
+
 def test_generation_switches_flex_attention_to_sdpa_and_back(tiny_graft):
     model = AutoModelForImageTextToText.from_pretrained(tiny_graft, dtype=torch.float32)
     model.config.text_config._attn_implementation = FLEX

@@ -92,6 +92,9 @@ class TrainConfig:
     # torch.compile, vlmgraft.train.speed); None: on CUDA GPUs that inductor supports. It doubled align throughput on
     # an H100 for ~25 s of compilation at the start.
     compile: bool | None = None
+    # Replay the compiled layers as CUDA graphs (needs compile on CUDA): for data whose batches keep one shape only,
+    # where it lifts a GPU that waits on Python's kernel launches (vlmgraft.train.speed says when it pays).
+    cuda_graphs: bool = False
     quantize_4bit: bool = False  # QLoRA: 4-bit base weights through bitsandbytes (CUDA only)
     seed: int = 42
     data_seed: int = 42

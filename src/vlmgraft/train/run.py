@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch._inductor.config as inductor_config
 import yaml
 from transformers import AutoModelForImageTextToText, AutoProcessor, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
@@ -24,7 +25,14 @@ from vlmgraft.errors import VlmgraftError
 from vlmgraft.graft.families import family_for
 from vlmgraft.train.callbacks import CHECKPOINT_META, CheckpointMetadata, SampleAnswers
 from vlmgraft.train.config import TrainConfig, to_dict
-from vlmgraft.train.speed import attention_for, compile_enabled, compile_regions, fuse_mlp_gelu, patchify_with_matmul
+from vlmgraft.train.speed import (
+    attention_for,
+    compile_enabled,
+    compile_regions,
+    cuda_graphs_enabled,
+    fuse_mlp_gelu,
+    patchify_with_matmul,
+)
 from vlmgraft.train.stages import prepare_model, trainable_table
 from vlmgraft.train.trainer import GraftTrainer
 
@@ -194,9 +202,14 @@ def train(config: TrainConfig, force: bool = False, callbacks: tuple = (), echo=
     if torch.cuda.is_available():
         patchify_with_matmul(model, family)
         fuse_mlp_gelu(model, family)
-    if compile_enabled(config.compile):
+    compiled = compile_enabled(config.compile)
+    graphs = cuda_graphs_enabled(config.cuda_graphs, compiled)
+    # Inductor reads this when a region first runs, which is after this point (torch.compile is lazy).
+    inductor_config.triton.cudagraphs = graphs
+    if compiled:
         echo(f"compiling {compile_regions(model, family)} regions one by one (decoder layers, the frozen vision "
-             f"tower whole or its trained layers, the connector; the first steps are slower while they compile)")
+             f"tower whole or its trained layers, the connector; the first steps are slower while they compile)"
+             + (", replayed as CUDA graphs" if graphs else ""))
 
     train_ds, eval_ds = _datasets(config)
     collator = _collator(processor, config)

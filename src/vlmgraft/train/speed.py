@@ -1,5 +1,5 @@
 """Training speed switches that change no result (beyond float rounding): attention kernels, regional compilation,
-and two kernel substitutions in the vision tower.
+CUDA graphs and two kernel substitutions in the vision tower.
 
 Attention (`attn_implementation: auto`): packed rows (`data_settings.packing`) hold several samples that must not
 see each other. transformers derives that block-diagonal mask from the position resets; with SDPA it becomes a dense
@@ -16,6 +16,14 @@ dynamic). A vision tower that trains nothing (`align`) is compiled whole instead
 post-norm as one graph, `image_inputs.compile_frozen_tower`), for the fusion across layers.
 transformers' `TrainingArguments.torch_compile` compiles the whole model as one graph instead, and parameter names
 would gain an `_orig_mod.` prefix; an in-place `Module.compile()` keeps checkpoints and PEFT adapters unchanged.
+
+CUDA graphs (`cuda_graphs`, off by default): inductor replays each compiled region as one CUDA graph instead of
+launching its kernels from Python one by one. At batch 4 the GPU otherwise waits on those launches (align: 57.9-59.5
+samples/s with graphs, 42.3-49.3 without, on an H200, the same losses). But a graph is recorded per input shape,
+and a recording is keyed on the graphs replayed before it in the step, so every new combination of tile count and
+row lengths records a new chain: with images of mixed aspect ratios a run went ~9x slower for its first 75 steps
+(bench/RESULTS.md, tenth lease). So it is a switch for data whose batches keep one shape. `mark_cuda_graph_step`
+keeps a step's regions in one generation of graph memory and gradient accumulation correct.
 
 Patch embedding (on CUDA): a Conv2d whose stride equals its kernel is a matrix product over non-overlapping
 patches, but cuDNN ran it with a slow implicit-GEMM kernel (18 ms per step of 272 tiles on an H100, 70% of the
@@ -71,6 +79,14 @@ def compile_by_default() -> bool:
 def compile_enabled(setting: bool | None) -> bool:
     """The `compile` setting resolved: as given, or `compile_by_default()` when unset."""
     return compile_by_default() if setting is None else setting
+
+
+def cuda_graphs_enabled(setting: bool, compiled: bool) -> bool:
+    """The `cuda_graphs` setting, checked: there is nothing to replay unless the layers compile on CUDA."""
+    if setting and not (compiled and torch.cuda.is_available()):
+        raise VlmgraftError("config key 'cuda_graphs': true replays the compiled layers, so it needs compile on a "
+                            "CUDA GPU; set cuda_graphs: false")
+    return setting
 
 
 def compiled_regions(model, family: DonorFamily) -> list[torch.nn.Module]:
@@ -178,8 +194,7 @@ _TRAINED_PARAMETERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def mark_cuda_graph_step(model=None) -> None:
-    """Where a step (a micro-batch) begins when inductor replays compiled regions as CUDA graphs
-    (`TORCHINDUCTOR_CUDAGRAPHS=1`; an experiment so far, not a vlmgraft setting: bench/RESULTS.md, ninth lease);
+    """Where a step (a micro-batch) begins when inductor replays compiled regions as CUDA graphs (`cuda_graphs`);
     nothing otherwise. Every compiled region is a torch.compile call of its own, and for regions that run without
     gradients (the tile normalisation, a frozen tower) each call would start a new generation of graph memory and
     free the outputs of the region before it, which the next region is about to read. Given the model (training),
