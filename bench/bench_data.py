@@ -53,13 +53,26 @@ def _image(args: tuple[int, int, int]) -> bytes:
     return buffer.getvalue()
 
 
+def _mixed_size(rng, seed: int, longest: int) -> tuple[int, int, int]:
+    """A size of aspect ratio between 1:6 and 6:1 (log-uniform). Resized to a longest edge of 2048 px, every image
+    is cut into 4 tiles along that side, and 1-4 along the other: 5, 9, 13 or 17 tiles with the global one."""
+    aspect = float(np.exp(rng.uniform(-np.log(6.0), np.log(6.0))))
+    if aspect >= 1:
+        return seed, longest, max(16, int(longest / aspect) // 2 * 2)
+    return seed, max(16, int(longest * aspect) // 2 * 2), longest
+
+
 def write_parquet(path: Path, rows: int, width: int, height: int, seed: int = 0,
-                  answer_words: tuple[int, int] = (2, 20)) -> Path:
+                  answer_words: tuple[int, int] = (2, 20), mixed_sizes: bool = False) -> Path:
+    """`mixed_sizes`: images of every aspect ratio (5-17 tiles, longest edge `width`) instead of ~width × height."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     rng = np.random.default_rng(seed)
-    sizes = [(seed * 100_000 + i, width, height + int(rng.integers(-40, 41)) // 2 * 2) for i in range(rows)]
+    if mixed_sizes:
+        sizes = [_mixed_size(rng, seed * 100_000 + i, width) for i in range(rows)]
+    else:
+        sizes = [(seed * 100_000 + i, width, height + int(rng.integers(-40, 41)) // 2 * 2) for i in range(rows)]
     with Pool(os.cpu_count()) as pool:
         jpegs = pool.map(_image, sizes, chunksize=4)
     texts = []
@@ -91,17 +104,20 @@ def write_messages_jsonl(folder: Path, rows: int, width: int, height: int, seed:
 
 
 def write_data(folder: Path, rows: int, width: int, height: int,
-               answer_words: tuple[int, int] = (2, 20)) -> tuple[Path, str]:
+               answer_words: tuple[int, int] = (2, 20), mixed_sizes: bool = False) -> tuple[Path, str]:
     """Cauldron parquet when pyarrow is installed, else the messages-jsonl equivalent (answers of `answer_words`
-    words: the default gives ~1,410 tokens per sample, (170, 180) 1,980–2,020 with the bench graft's tokenizer)."""
+    words: the default gives ~1,410 tokens per sample, (170, 180) 1,980–2,020 with the bench graft's tokenizer;
+    `mixed_sizes`: see write_parquet)."""
     try:
         import pyarrow  # noqa: F401
     except ImportError:
-        if answer_words != (2, 20):
-            raise SystemExit("longer answers need pyarrow (Cauldron parquet)") from None
+        if answer_words != (2, 20) or mixed_sizes:
+            raise SystemExit("longer answers and mixed image sizes need pyarrow (Cauldron parquet)") from None
         return write_messages_jsonl(folder / "jsonl", rows, width, height), "messages"
-    name = "bench.parquet" if answer_words == (2, 20) else f"bench_answers_{answer_words[0]}_{answer_words[1]}.parquet"
-    return write_parquet(folder / name, rows, width, height, answer_words=answer_words), "cauldron"
+    name = "bench" + ("" if answer_words == (2, 20) else f"_answers_{answer_words[0]}_{answer_words[1]}")
+    name += "_mixed_sizes" if mixed_sizes else ""
+    return write_parquet(folder / f"{name}.parquet", rows, width, height, answer_words=answer_words,
+                         mixed_sizes=mixed_sizes), "cauldron"
 
 
 def real_size_processor(folder: Path):

@@ -155,6 +155,7 @@ class Windows(TrainerCallback):
     def __init__(self):
         self.seen: list[tuple[float, float]] = []
         self.losses: list[float] = []  # the same seed and data give the same curve: a check on speed switches
+        self.evals: list[tuple[float, float]] = []
         self.model = None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -163,7 +164,12 @@ class Windows(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "samples_per_second" in logs:
             self.seen.append((logs["samples_per_second"], logs["tokens_per_second"]))
+            # as it happens, so that a run cut short by a time limit still shows how far it got and how fast
+            print(f"[{time.strftime('%H:%M:%S')}] step {state.global_step}: {logs['samples_per_second']:.2f} "
+                  f"samples/s, loss {logs['loss']:.4f}", file=sys.stderr, flush=True)
             self.losses.append(round(float(logs["loss"]), 4))
+        if logs and "eval_loss" in logs:  # --eval-steps: held-out loss and the does-it-see gap, per evaluation
+            self.evals.append((round(logs["eval_loss"], 4), round(logs.get("eval_vision_gap", float("nan")), 4)))
 
 
 def main() -> None:
@@ -179,6 +185,12 @@ def main() -> None:
                         "align.yaml: 8); --steps counts optimizer steps")
     parser.add_argument("--answer-words", default="2,20", help="answer length range in words (170,180: samples of "
                         "1,980-2,020 tokens, near max_length 2048, for the worst-case memory)")
+    parser.add_argument("--image-sizes", choices=["fixed", "mixed"], default="fixed",
+                        help="fixed: ~2048×1600 px, 17 tiles each; mixed: aspect ratios 1:6 to 6:1, 5-17 tiles "
+                             "(every batch shape differs, as with real data)")
+    parser.add_argument("--cuda-graphs", action="store_true", help="cuda_graphs: true (replay the compiled layers)")
+    parser.add_argument("--eval-steps", type=int, default=0,
+                        help="evaluate (loss and the does-it-see probe) on 32 held-out samples every N steps")
     parser.add_argument("--log-every", type=int, default=5, help="optimizer steps per logged window")
     parser.add_argument("--profile", default="", help="write a profile of steps from the middle of the run to this file")
     parser.add_argument("--profile-steps", type=int, default=3, help="how many steps --profile records")
@@ -189,15 +201,19 @@ def main() -> None:
     data_dir = args.root / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
     answer_words = tuple(int(n) for n in args.answer_words.split(","))
-    data, fmt = write_data(data_dir, 128, 2048, 1600, answer_words=answer_words)
+    mixed = args.image_sizes == "mixed"
+    data, fmt = write_data(data_dir, 256 if mixed else 128, 2048, 1600, answer_words=answer_words,
+                           mixed_sizes=mixed)
     mixture = data_dir / "mixture.yaml"
     mixture.write_text(yaml.safe_dump({"sources": [{"path": f"{fmt}:{data}", "weight": 32}]}))
     config = TrainConfig(model=str(graft), data=str(mixture), output_dir=str(args.root / "run"), stage=args.stage,
                          per_device_train_batch_size=args.batch, max_steps=args.steps, logging_steps=args.log_every,
                          gradient_accumulation_steps=args.accumulation,
-                         save_steps=10**6, num_sample_images=0, report_to=[], compile=args.compile or None)
+                         save_steps=10**6, num_sample_images=0, report_to=[], compile=args.compile or None,
+                         cuda_graphs=args.cuda_graphs,
+                         eval_steps=args.eval_steps or 200)
     config.data_settings.num_workers = int(args.workers) if args.workers.isdigit() else args.workers
-    config.data_settings.eval_size = 0
+    config.data_settings.eval_size = 32 if args.eval_steps else 0
     config.data_settings.packing = args.packing
     torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
@@ -210,14 +226,14 @@ def main() -> None:
     samples_per_s = statistics.median(w[0] for w in windows[2:]) if len(windows) > 2 else None
     tokens_per_s = statistics.median(w[1] for w in windows[2:]) if len(windows) > 2 else None
     mfu = None
-    if samples_per_s:  # every bench image is cut into 17 tiles (2048×~1600 px, 512-px tiles + the global one)
+    if samples_per_s and not mixed:  # every bench image is cut into 17 tiles (2048×~1600 px, 512-px tiles + the global one)
         flops = flops_per_sample(logged.model, tokens=tokens_per_s / samples_per_s, tiles=TILES)
         mfu = round(samples_per_s * flops / H100_BF16_DENSE, 3)
     print(json.dumps({
         "bench": "train_run", **{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "samples_per_s": round(samples_per_s, 2) if samples_per_s else None,
         "tokens_per_s": round(tokens_per_s) if tokens_per_s else None, "mfu_vs_989tflops": mfu,
-        "windows": windows, "losses": logged.losses, "wall_s": round(time.perf_counter() - started, 1),
+        "windows": windows, "losses": logged.losses, "evals": logged.evals, "wall_s": round(time.perf_counter() - started, 1),
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "data_format": fmt,
         "device": torch.cuda.get_device_name(), "torch": torch.__version__,
         "cmd": "python " + " ".join(sys.argv)}))

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmark session as run on the lent H100 or H200 (see bench/RESULTS.md). Usage: bash bench/gpu_session.sh PART
 # PART: build-train | data-e2e | memory-finetune | serve | speed-train[-2|-3] | serve-and-profile | serve-compile |
-# full-stage | product-e2e | fused-gelu | spec-data | shapes | no-reads | final | batch32 | sync-find | overlap | text-kernels | host-bound | hwc-tiles | ab-base | stages | varlen | packed-default | tuned-kernels | regions-ab | vision-bf16 | vision-tower | tower-ab | tower-ab-b4 | b4-host | b8-default | ce-chunks | graphs-b4 | graphs-accum. Carried wheels in .whl/ are installed to /tmp/site first.
+# full-stage | product-e2e | fused-gelu | spec-data | shapes | no-reads | final | batch32 | sync-find | overlap | text-kernels | host-bound | hwc-tiles | ab-base | stages | varlen | packed-default | tuned-kernels | regions-ab | vision-bf16 | vision-tower | tower-ab | tower-ab-b4 | b4-host | b8-default | ce-chunks | graphs-b4 | graphs-accum | graphs-real | graphs-real-steps. Carried wheels in .whl/ are installed to /tmp/site first.
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false TRANSFORMERS_VERBOSITY=error
 if [ -d .whl ]; then
@@ -277,7 +277,7 @@ case "${1:-}" in
     # config's accumulation (8), and inductor's C++ wrapper (less Python per kernel launch)
     R="python3 bench/bench_train_run.py --root /tmp/vg-real --batch 4 --packing"
     LIMIT=230 run $R --steps 80 --profile "$OUT/profile_align_b4.txt" --profile-steps 8
-    LIMIT=130 run env TORCHINDUCTOR_CUDAGRAPHS=1 $R --steps 80
+    LIMIT=130 run $R --steps 80 --cuda-graphs
     LIMIT=90 run $R --steps 80
     LIMIT=90 run $R --steps 12 --accumulation 8 --log-every 1
     LIMIT=150 run env TORCHINDUCTOR_CPP_WRAPPER=1 $R --steps 80
@@ -312,7 +312,7 @@ case "${1:-}" in
     # CUDA graphs for every compiled region with one generation of graph memory per training step
     # (`mark_cuda_graph_step`), against the plain run, at the default batch (4, packing)
     R="python3 bench/bench_train_run.py --root /tmp/vg-real --batch 4 --packing --steps 80"
-    LIMIT=150 run env TORCHINDUCTOR_CUDAGRAPHS=1 $R
+    LIMIT=150 run $R --cuda-graphs
     LIMIT=60 run $R
     ;;
   graphs-accum)
@@ -320,12 +320,31 @@ case "${1:-}" in
     # made outside the graphs' memory) and without, each against the plain run; the printed losses (same seed and
     # data) must agree between the runs with and without graphs
     R="python3 bench/bench_train_run.py --root /tmp/vg-real --batch 4 --packing"
-    LIMIT=170 run env TORCHINDUCTOR_CUDAGRAPHS=1 $R --steps 16 --accumulation 8 --log-every 1
+    LIMIT=170 run $R --steps 16 --accumulation 8 --log-every 1 --cuda-graphs
     LIMIT=80 run $R --steps 16 --accumulation 8 --log-every 1
-    LIMIT=100 run env TORCHINDUCTOR_CUDAGRAPHS=1 $R --steps 80
+    LIMIT=100 run $R --steps 80 --cuda-graphs
     LIMIT=80 run $R --steps 80
-    LIMIT=120 run env TORCHINDUCTOR_CUDAGRAPHS=1 python3 bench/bench_train_run.py --root /tmp/vg-real --batch 8 --stage finetune --packing --steps 40
+    LIMIT=120 run python3 bench/bench_train_run.py --root /tmp/vg-real --batch 8 --stage finetune --packing --steps 40 --cuda-graphs
     LIMIT=100 run python3 bench/bench_train_run.py --root /tmp/vg-real --batch 8 --stage finetune --packing --steps 40
+    ;;
+  graphs-real)
+    # CUDA graphs (cuda_graphs: true) with real data's shape variety: images of every aspect ratio (5, 9, 13 or 17
+    # tiles; packed rows of every length), held-out evaluation and the does-it-see probe every 50 steps; against
+    # the plain run on the same data. Then finetune the same way. (Tenth lease: all four ran past their limits.)
+    R="python3 bench/bench_train_run.py --root /tmp/vg-real --packing --image-sizes mixed"
+    LIMIT=280 run $R --batch 4 --steps 150 --eval-steps 50 --cuda-graphs
+    LIMIT=130 run $R --batch 4 --steps 150 --eval-steps 50
+    LIMIT=90 run $R --batch 8 --stage finetune --steps 40 --cuda-graphs
+    LIMIT=80 run $R --batch 8 --stage finetune --steps 40
+    grep -i "cudagraph\|distinct sizes\|re-record" "$OUT/stderr.log" | sort | uniq -c | sort -rn | head -20 | tee "$OUT/graph_warnings.txt"
+    ;;
+  graphs-real-steps)
+    # the same without evaluation, each window's speed printed to stderr.log as it is logged (graphs-real's runs all
+    # ran past their limits and left nothing to read)
+    R="python3 bench/bench_train_run.py --root /tmp/vg-real --packing --image-sizes mixed --batch 4 --steps 100"
+    LIMIT=230 run $R --cuda-graphs
+    LIMIT=150 run $R
+    grep "step \|distinct sizes\|^+ " "$OUT/stderr.log" | cut -c1-160 | tee "$OUT/steps.txt"
     ;;
   serve)
     LIMIT=560 run python3 bench/bench_serve.py
