@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 import torch
+from _common import BF16_DENSE_PEAK, build_model, compile_parts, flops_per_sample
 from bench_data import real_size_processor, write_data
-from bench_train import H100_BF16_DENSE, build_model, compile_parts, flops_per_sample
 
 from vlmgraft.data.collate import VisionChatCollator
 from vlmgraft.data.spec import SourceSpec, build_dataset
@@ -68,4 +68,4 @@ def run_e2e(args) -> dict:
         sps = samples / seconds
         return {"samples_per_s": round(sps, 2), "tokens_per_s": round(tokens / seconds),
                 "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "data_format": fmt,
-                "mfu_vs_989tflops": round(sps * flops_per_sample(model) / H100_BF16_DENSE, 3)}
+                "mfu_vs_989tflops": round(sps * flops_per_sample(model) / BF16_DENSE_PEAK, 3)}

@@ -20,12 +20,11 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import yaml  # noqa: E402
+from _common import BF16_DENSE_PEAK, TILES, flops_per_sample  # noqa: E402
 from bench_data import write_data  # noqa: E402
-from bench_train import H100_BF16_DENSE, TILES, flops_per_sample  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from vlmgraft.train.config import TrainConfig  # noqa: E402
@@ -228,7 +227,7 @@ def main() -> None:
     mfu = None
     if samples_per_s and not mixed:  # every bench image is cut into 17 tiles (2048×~1600 px, 512-px tiles + the global one)
         flops = flops_per_sample(logged.model, tokens=tokens_per_s / samples_per_s, tiles=TILES)
-        mfu = round(samples_per_s * flops / H100_BF16_DENSE, 3)
+        mfu = round(samples_per_s * flops / BF16_DENSE_PEAK, 3)
     print(json.dumps({
         "bench": "train_run", **{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "samples_per_s": round(samples_per_s, 2) if samples_per_s else None,

@@ -18,13 +18,10 @@ import argparse
 import json
 import statistics
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_attention import timed  # noqa: E402
+from _common import timed
 
 
 @torch.library.custom_op("bench::ragged_attention", mutates_args=())

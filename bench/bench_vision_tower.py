@@ -22,13 +22,9 @@ import argparse
 import functools
 import json
 import sys
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_attention import timed
-from bench_train import build_model
+from _common import build_model, timed
 
 from vlmgraft.graft.families import SMOLVLM
 from vlmgraft.train.image_inputs import tower_features
