@@ -14,7 +14,7 @@ import sys
 
 from vlmgraft.errors import VlmgraftError
 
-# Modules that add sub-commands; a module missing here simply contributes nothing.
+# Modules that add sub-commands; each must import without optional extras (commands import those when they run).
 COMMAND_MODULES = ("vlmgraft.graft.commands", "vlmgraft.fixtures.commands", "vlmgraft.data.commands", "vlmgraft.train.commands",
                    "vlmgraft.export.commands", "vlmgraft.infer.commands", "vlmgraft.eval.commands",
                    "vlmgraft.demo")
@@ -27,10 +27,8 @@ def make_parser() -> argparse.ArgumentParser:
     for name in COMMAND_MODULES:
         try:
             module = importlib.import_module(name)
-        except ModuleNotFoundError as err:
-            if err.name == name:
-                continue
-            raise
+        except ImportError as err:  # a broken install or a bug: never hide a command
+            raise ImportError(f"vlmgraft's command module {name} does not import: {err}") from err
         module.register(sub)
     return parser
 

@@ -40,6 +40,9 @@ def _merge(args) -> int:
 
 
 def _onnx(args) -> int:
+    from vlmgraft.errors import require_extra
+
+    require_extra("vlmgraft export onnx", "onnx", "onnx", "onnxruntime")
     from vlmgraft.export.onnx_export import export_onnx
 
     export_onnx(args.model, args.out, opset=args.opset, force=args.force, tolerance=args.tolerance)

@@ -110,6 +110,9 @@ def _detect(args) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from vlmgraft.errors import require_extra
+
+    require_extra("vlmgraft serve", "serve", "fastapi", "uvicorn")
     from vlmgraft.infer.serve import ServeOptions, run
 
     run(ServeOptions(model=args.model, host=args.host, port=args.port, api_key=args.api_key,
