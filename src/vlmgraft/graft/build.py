@@ -16,6 +16,7 @@ from transformers import (
     AutoModelForImageTextToText,
     AutoProcessor,
     AutoTokenizer,
+    PretrainedConfig,
     SmolVLMProcessor,
 )
 
@@ -57,6 +58,33 @@ def _dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise VlmgraftError(f"--dtype {name!r} is not one of {sorted(DTYPES)}")
     return DTYPES[name]
+
+
+def _dtype_name(config) -> str | None:
+    """The dtype a checkpoint's config.json says its weights are stored in (None when it does not say)."""
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return str(value).removeprefix("torch.") if value is not None else None
+
+
+def set_config_dtype(config: PretrainedConfig, dtype: torch.dtype) -> None:
+    """Name `dtype` in the config and every config nested in it (text_config, vision_config, ...): transformers
+    reads a nested one when that part is loaded on its own, so all of them must agree with the saved weights."""
+    config.dtype = dtype
+    for value in vars(config).values():
+        if isinstance(value, PretrainedConfig):
+            set_config_dtype(value, dtype)
+
+
+def downcast_note(sources: dict[str, str | None], dtype: str) -> str | None:
+    """One line naming the sources whose stored weights are wider than the dtype the graft is saved in."""
+    target = _dtype(dtype)
+    wider = {name: stored for name, stored in sources.items()
+             if stored in DTYPES and DTYPES[stored].itemsize > target.itemsize}
+    if not wider:
+        return None
+    listed = ", ".join(f"{name} {stored}" for name, stored in wider.items())
+    return (f"down-casting to {str(target).removeprefix('torch.')}: {listed} "
+            f"(--dtype {next(iter(wider.values()))} keeps full precision)")
 
 
 def load_sources(vision: str, llm: str):
@@ -111,6 +139,8 @@ def build(opts: BuildOptions, log=print) -> AuditReport:
     family, donor, donor_processor, llm = load_sources(opts.vision, opts.llm)
     processor, tokens, new_ids, original_len = make_processor(opts.llm, donor_processor, donor.config,
                                                               opts.image_token)
+    sources = {"vision donor": _dtype_name(hub.load(AutoConfig.from_pretrained, opts.vision, "vision donor")),
+               "LLM": _dtype_name(hub.load(AutoConfig.from_pretrained, opts.llm, "LLM"))}
     log(f"donor family {family.name}; image placeholder {tokens.image_token!r}"
         + (f"; added tokens {new_ids} (rows set to the mean embedding)" if new_ids else "; no tokens added"))
     image_token_id = processor.tokenizer.convert_tokens_to_ids(tokens.image_token)
@@ -123,7 +153,7 @@ def build(opts: BuildOptions, log=print) -> AuditReport:
     log("audit:\n" + report.table())
     out.mkdir(parents=True, exist_ok=True)
     summary = {
-        "vision": opts.vision, "llm": opts.llm, "family": family.name, "dtype": opts.dtype,
+        "vision": opts.vision, "llm": opts.llm, "family": family.name, "dtype": opts.dtype, "source_dtypes": sources,
         "tokens": tokens.as_dict(), "image_token_id": image_token_id, "added_token_ids": new_ids,
         "image_seq_len": processor.image_seq_len, "tile_markers": "plain text (see vlmgraft.graft.tokens)",
         "parameters": {"total": sum(p.numel() for p in graft.parameters()),
@@ -137,7 +167,10 @@ def build(opts: BuildOptions, log=print) -> AuditReport:
         failed = [c.name for c in report.checks if not c.passed]
         raise VlmgraftError(f"graft audit failed ({', '.join(failed)}); nothing but {out / REPORT_NAME} was saved")
     graft.to("cpu", dtype)
-    graft.config.dtype = dtype
+    set_config_dtype(graft.config, dtype)
+    note = downcast_note(sources, opts.dtype)
+    if note:
+        log(note)
     graft.save_pretrained(out)
     processor.save_pretrained(out)
     summary["memory"] = _peak_memory()
