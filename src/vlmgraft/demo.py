@@ -175,9 +175,9 @@ def save_answer_grid(eval_dir: Path, samples, path: Path, n: int = 8) -> None:
     canvas = Image.new("RGB", (tile * len(records), tile + 44), "white")
     draw = ImageDraw.Draw(canvas)
     from vlmgraft.data.shapes import COLOURS
-    from vlmgraft.infer.detect import _font, find_cjk_font
+    from vlmgraft.infer.detect import find_cjk_font, load_font
 
-    font = _font(14, cjk=True)
+    font = load_font(14, cjk=True)
     if find_cjk_font() is None:  # no CJK glyphs on this machine: show the English colour names instead
         english = {zh[0]: en for en, zh in COLOURS.items()}
         records = [{**r, "prediction": english.get(r["prediction"].strip(), r["prediction"].strip()),

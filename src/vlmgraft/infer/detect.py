@@ -90,7 +90,7 @@ def find_cjk_font() -> str | None:
     return matches[0] if matches else None
 
 
-def _font(size: int, cjk: bool):
+def load_font(size: int, cjk: bool):
     path = find_cjk_font() if cjk else None
     if path:
         try:
@@ -108,7 +108,7 @@ def draw_boxes(image: Image.Image, boxes: list[dict]) -> Image.Image:
     canvas = image.convert("RGB").copy()
     draw = ImageDraw.Draw(canvas)
     line = max(2, min(canvas.size) // 200)
-    font = _font(max(12, min(canvas.size) // 30), any(_CJK.search(b["label"]) for b in boxes))
+    font = load_font(max(12, min(canvas.size) // 30), any(_CJK.search(b["label"]) for b in boxes))
     colours: dict[str, tuple] = {}
     for item in boxes:
         colour = colours.setdefault(item["label"], PALETTE[len(colours) % len(PALETTE)])

@@ -23,6 +23,7 @@ from transformers import Trainer
 from transformers.trainer_callback import ProgressCallback
 
 from vlmgraft.data.collate import LossPlan
+from vlmgraft.data.encode import IGNORE
 from vlmgraft.graft.families import DonorFamily
 from vlmgraft.train.callbacks import ProgressWithRates
 from vlmgraft.train.config import TrainConfig
@@ -31,7 +32,6 @@ from vlmgraft.train.speed import compile_enabled, mark_cuda_graph_step, sdpa_for
 from vlmgraft.train.stages import optimizer_groups, unwrap_model
 
 log = logging.getLogger(__name__)
-IGNORE = -100
 
 
 def drop_right_padding_mask(inputs: dict) -> dict:
