@@ -6,9 +6,7 @@
 
 The processor is real-size (SmolVLM2-256M image settings: tiles of 512 px, longest edge 2048, splitting on,
 image_seq_len 64) with the tiny Qwen3 tokenizer and the graft's template, so each sample is 17 tiles = 1088 image
-tokens + ~320 text tokens (template and tile markers included), the issue's Cauldron-like sample. Before
-2026-11-23 (second session) answers were 30-90 words, ~500 text tokens, so older rows of bench/RESULTS.md carried
-~1555 tokens per sample. Modes:
+tokens + ~320 text tokens (template and tile markers included), the issue's Cauldron-like sample. Modes:
 - `processor`: the stock SmolVLM image processor in the workers, float32 tiles (what inference uses);
 - `processor-bf16`: the same, tiles cast to bf16 in the workers (half the bytes to move);
 - `uint8`: vlmgraft's fast path: PIL resizing in the workers, uint8 tiles, normalised on the GPU by

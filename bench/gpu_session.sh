@@ -60,7 +60,7 @@ suite_train() {
   train 120 --steps 80 --batch 4 --packing
   train 120 --steps 60 --batch 8 --packing
   train 120 --steps 60 --batch 16 --stage align-head
-  train 130 --steps 60 --batch 8 --stage finetune --packing
+  train 130 --steps 40 --batch 8 --stage finetune --packing
   train 150 --steps 40 --batch 8 --stage full
 }
 
