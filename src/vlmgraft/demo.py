@@ -38,7 +38,7 @@ class DemoSize:
     test: int
 
 
-# Measured on 2 CPU cores (bench/RESULTS.md). The donor needs ~1200 caption steps before it tells yellow from red:
+# Sizes that reach the demo's accuracy target. The donor needs ~1200 caption steps before it tells yellow from red:
 # with 600 its captions already depend on the image (vision probe gap ~0.45) but alignment stalls near 72%, because
 # the tower still maps yellow and red close together. --quick only evaluates fewer held-out images.
 FULL = DemoSize(captions=1200, donor_steps=1200, text_pairs=1200, llm_steps=300, vqa_train=600, align_steps=300,

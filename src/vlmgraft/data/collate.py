@@ -34,8 +34,8 @@ from vlmgraft.data.tiles import normalize_tiles
 @dataclass(frozen=True)
 class LossPlan:
     """What the training step needs to know about a batch, worked out here on the CPU: every value the step reads
-    back from the GPU stalls the GPU while Python launches the next kernels (a profile on an H100 showed 18 such
-    waits per step, bench/RESULTS.md).
+    back from the GPU stalls the GPU while Python launches the next kernels (bench/bench_train_run.py --sync-debug
+    FILE lists any such wait).
 
     columns: positions whose next token is labelled in some row (where logits are computed); label_tokens, tokens,
     samples: counts for the loss and the throughput log. Rows are always padded on the right, so with a plan the
@@ -182,7 +182,7 @@ class VisionChatCollator:
     def to_device(self, batch: dict, device, dtype: torch.dtype | None = None, non_blocking: bool = True,
                   copy_stream: torch.cuda.Stream | None = None, fused: bool = False) -> dict:
         """Move a batch to `device`; uint8 tiles become normalised `pixel_values` (in `dtype`, default float32).
-        `copy_stream` (CUDA): copy the tiles on that stream, so the copy (~5 ms for 272 tiles on an H200) runs
+        `copy_stream` (CUDA): copy the tiles on that stream, so the copy (a batch's largest tensor) runs
         beside the kernels already queued instead of after them; the current stream waits for it before normalising.
         `fused`: normalise with one compiled kernel on CUDA (`normalize_tiles`; the trainer passes `compile`)."""
         out = {k: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v for k, v in batch.items()}

@@ -125,8 +125,8 @@ class ImageEncoder:
 
 def _tiles_from_hwc(tiles: list[torch.Tensor]) -> torch.Tensor:
     """(T, T, 3) views → one (n, 3, T, T) uint8 tensor kept channels-last in memory. Cutting tiles out of the
-    resized image moves whole pixel rows that way; making them planar on the CPU gathered single bytes, 20 ms per
-    17-tile image (half a worker's encoding time). The GPU makes them planar while it normalises them."""
+    resized image moves whole pixel rows that way; making them planar on the CPU gathered single bytes, a large part
+    of a worker's encoding time (bench/bench_data.py). The GPU makes them planar while it normalises them."""
     return torch.stack(tiles).permute(0, 3, 1, 2)
 
 
@@ -162,8 +162,8 @@ def _normalize(tiles, tile_mask, mean_t, std_t, dtype: torch.dtype) -> torch.Ten
 
 @functools.lru_cache(maxsize=1)
 def _fused_normalize():
-    # Eager, these are six passes over the batch's pixels in float32 (an H100 profile showed three full-size
-    # copies per step besides the arithmetic, bench/RESULTS.md); compiled, one kernel reads uint8 and writes
+    # Eager, these are six passes over the batch's pixels in float32, full-size copies included
+    # (bench/bench_train_run.py --profile FILE); compiled, one kernel reads uint8 and writes
     # `dtype`, computing in float32 as eager does.
     return torch.compile(_normalize, dynamic=True)
 

@@ -165,8 +165,8 @@ def check_connector_gradient(report: AuditReport, graft, processor, family: Dono
     noise, _, _ = probe_images(processor)
     batch = _image_batch(processor, [noise], graft.device)
     connector = graft.get_submodule(family.connector)
-    # Only the connector may need a gradient: the vision tower then keeps no activations for backward (that alone
-    # is ~10 GiB for a 17-tile image at real size), and the check still crosses the whole LLM.
+    # Only the connector may need a gradient: the vision tower then keeps no activations for backward (at real size
+    # most of the audit's memory, bench/bench_build.py), and the check still crosses the whole LLM.
     wanted = {id(p) for p in connector.parameters() if p.requires_grad}
     saved = {p: p.requires_grad for p in graft.parameters()}
     for param in graft.parameters():

@@ -42,7 +42,7 @@ class EngineConfig:
     compile_dynamic: bool = True  # one compilation for every batch/length bucket (else one per bucket)
     # Decode batches up to this many rows run the compiled step, larger ones the eager step (both in CUDA graphs):
     # a compiled step copies the cache rows it writes (see SlotKVCache.update), which past a few rows costs more
-    # than the fusion saves (H100: batch 1 decode 203 → 314 tok/s compiled, batch 32 4,560 → 2,160 tok/s).
+    # than the fusion saves (bench/bench_serve.py times the compiled and the eager step).
     compile_max_batch: int = 4
     max_prefill_tokens: int = 32768  # padded prompt tokens per prefill forward
     prefill_graph_tokens: int = 8192  # larger prefills are compute-bound: run them eagerly, capture nothing

@@ -48,8 +48,8 @@ class SlotKVCache:
             values[:, :, :length].index_copy_(0, slots, value_states)
             return key_states, value_states  # the prompt attends only to itself
         _, write_index, batch, attend_len = mode
-        # Under torch.compile this in-place row write is lowered to a copy of keys[:batch] (on an H100 a 32-row
-        # compiled step took 14.8 ms against 7.0 eager; a flat index_copy_ was worse, copying the whole buffer),
+        # Under torch.compile this in-place row write is lowered to a copy of keys[:batch] (a flat index_copy_ was
+        # worse, copying the whole buffer; bench/bench_serve.py),
         # hence the engine compiles only small decode batches (EngineConfig.compile_max_batch).
         index = write_index.view(batch, 1, 1, 1).expand(batch, key_states.shape[1], 1, key_states.shape[-1])
         keys[:batch].scatter_(2, index, key_states)

@@ -47,8 +47,8 @@ class DataSettings:
     overflow: str = "drop_turns"  # or "fewer_tiles", "skip"
     packing: bool = True
     eval_size: int = 64  # held out from `data` when `eval_data` is not given
-    # DataLoader worker processes; "auto": on CUDA all but two of this process's cores, at most 12 (an H200 host
-    # fed align's 62 samples/s from 12), elsewhere none below 8 cores (the CPU is busy training).
+    # DataLoader worker processes; "auto": on CUDA all but two of this process's cores, at most 12 (enough to feed
+    # align on a fast GPU, bench/bench_data.py), elsewhere none below 8 cores (the CPU is busy training).
     num_workers: str = "auto"  # or a number
     enable_thinking: bool = False
     # "uint8": workers ship raw tiles and the GPU normalises them (less CPU, 4× less to copy); "processor": the
@@ -78,7 +78,7 @@ class TrainConfig:
     warmup_ratio: float = 0.1
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
-    per_device_train_batch_size: int = 4  # align at real size: 7.7-13.7 GiB peak compiled (bench/RESULTS.md)
+    per_device_train_batch_size: int = 4  # align at real size fits a 24 GB card (bench/bench_train_run.py)
     per_device_eval_batch_size: int = 8
     gradient_accumulation_steps: int = 1
     num_train_epochs: float = 1.0
@@ -89,8 +89,8 @@ class TrainConfig:
     # or any transformers implementation name (sdpa, eager, flex_attention, flash_attention_2).
     attn_implementation: str = "auto"
     # Compile each decoder layer, the vision encoder (whole when frozen) and the GPU's tile normalisation (regional
-    # torch.compile, vlmgraft.train.speed); None: on CUDA GPUs that inductor supports. It doubled align throughput on
-    # an H100 for ~25 s of compilation at the start.
+    # torch.compile, vlmgraft.train.speed); None: on CUDA GPUs that inductor supports. Its compilation at the start
+    # pays back within the first minutes (bench/bench_train.py --compile-regions).
     compile: bool | None = None
     # Replay the compiled layers as CUDA graphs (needs compile on CUDA): for data whose batches keep one shape only,
     # where it lifts a GPU that waits on Python's kernel launches (vlmgraft.train.speed says when it pays).

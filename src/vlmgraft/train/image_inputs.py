@@ -2,9 +2,9 @@
 
 transformers' SmolVLM forward finds the real tiles with a boolean index, splits the features with `.tolist()`,
 formats the image-token count into its check's message, and merges with `masked_scatter`, whose backward is a
-`masked_select`: each one waits until the GPU has finished everything queued. In a profile of the `finetune` step
-(bench/RESULTS.md) the CPU sat 41 ms per step in one of those waits while the GPU ran the vision tower, time it
-needed to queue the LLM's LoRA-laden layers, so the GPU then waited for the CPU.
+`masked_select`: each one waits until the GPU has finished everything queued. In the `finetune` step the CPU then
+sits in one of those waits while the GPU runs the vision tower, time it needs to queue the LLM's LoRA-laden layers,
+so the GPU then waits for the CPU (bench/bench_train_run.py --stage finetune --profile FILE).
 
 The collator already knows where the real tiles and the image tokens are (its LossPlan). `images_into_embeddings`
 runs the same modules as transformers (patch embeddings, encoder, post-norm, connector) on those tiles and writes
@@ -15,8 +15,8 @@ trained parameter's gradient whatever computed it, and every trained parameter g
 
 A vision tower that trains nothing and holds 16-bit weights (`align`) runs outside the step's autocast, as it does at
 inference. CUDA's autocast computes every layer norm in float32 and hands a float32 output on: the post-norm wrote
-the (tiles×1024, 768) features as float32 (0.9 ms per step of 16 samples on an H200, plus the casts before and after
-it), and the connector's pixel shuffle then moved float32 too. The values are the same either way: a bf16 layer
+the (tiles×1024, 768) features as float32 (plus the casts before and after it), and the connector's pixel shuffle
+then moved float32 too (bench/bench_vision_tower.py compares the two). The values are the same either way: a bf16 layer
 norm also computes in float32 and rounds once, where autocast's output is rounded by the next matmul's cast.
 With `compile` on, such a tower (patch embeddings, encoder, post-norm) is one compiled graph (`compile_frozen_tower`),
 so the position embeddings' add and the post-norm fuse with their neighbours instead of running as eager kernels.
@@ -78,8 +78,8 @@ def tower_features(vision: torch.nn.Module, tiles: torch.Tensor, patches: torch.
 
 # Inductor recomputes a pointwise result in each kernel that reads it until it has accumulated 8 reads. Here that
 # is the residual stream: the fused add + layer-norm kernels re-read up to five (tiles×1024, 768) buffers instead of
-# one stored sum. Storing it once it reads more than two made those kernels 9.7 instead of 11.3 ms per 272 tiles on
-# an H200 (bench/bench_vision_tower.py, bench/RESULTS.md); a threshold of 1 gave 10.0.
+# one stored sum. Storing it once it reads more than two made those kernels faster than the default and than a
+# threshold of 1 (bench/bench_vision_tower.py --variants tower,tower-realize1,tower-realize2).
 TOWER_INDUCTOR_OPTIONS = {"realize_acc_reads_threshold": 2}
 _COMPILED_TOWERS: weakref.WeakSet = weakref.WeakSet()
 _compiled_tower_features = None

@@ -3,8 +3,8 @@ CUDA graphs and two kernel substitutions in the vision tower.
 
 Attention (`attn_implementation: auto`): packed rows (`data_settings.packing`) hold several samples that must not
 see each other. transformers derives that block-diagonal mask from the position resets; with SDPA it becomes a dense
-mask that takes SDPA off its flash kernel (a packed batch measured half the speed of a padded one on an H100,
-bench/RESULTS.md), while flex attention's block mask skips the blocks between samples. So on CUDA a packed run uses
+mask that takes SDPA off its flash kernel (bench/bench_train.py --packing compares them), while flex attention's
+block mask skips the blocks between samples. So on CUDA a packed run uses
 flex attention in the LLM and SDPA in the vision tower (whose tiles never mix); elsewhere SDPA (flex attention has
 no CPU backward). A batch in which no two samples share a row (image-heavy samples: a 17-tile one is ~1,400 of a
 2048-token row) needs no block mask, and goes through SDPA's causal kernel instead (`sdpa_for_unpacked_rows`).
@@ -18,20 +18,20 @@ transformers' `TrainingArguments.torch_compile` compiles the whole model as one 
 would gain an `_orig_mod.` prefix; an in-place `Module.compile()` keeps checkpoints and PEFT adapters unchanged.
 
 CUDA graphs (`cuda_graphs`, off by default): inductor replays each compiled region as one CUDA graph instead of
-launching its kernels from Python one by one. At batch 4 the GPU otherwise waits on those launches (align: 57.9-59.5
-samples/s with graphs, 42.3-49.3 without, on an H200, the same losses). But a graph is recorded per input shape,
-and a recording is keyed on the graphs replayed before it in the step, so every new combination of tile count and
-row lengths records a new chain: with images of mixed aspect ratios a run went ~9x slower for its first 75 steps
-(bench/RESULTS.md, tenth lease). So it is a switch for data whose batches keep one shape. `mark_cuda_graph_step`
+launching its kernels from Python one by one: at small batches the GPU otherwise waits on those launches. But a
+graph is recorded per input shape, and a recording is keyed on the graphs replayed before it in the step, so every
+new combination of tile count and row lengths records a new chain, and images of mixed aspect ratios keep a run
+recording (bench/bench_train_run.py --cuda-graphs [--image-sizes mixed]). So it is a switch for data whose batches
+keep one shape. `mark_cuda_graph_step`
 keeps a step's regions in one generation of graph memory and gradient accumulation correct.
 
 Patch embedding (on CUDA): a Conv2d whose stride equals its kernel is a matrix product over non-overlapping
-patches, but cuDNN ran it with a slow implicit-GEMM kernel (18 ms per step of 272 tiles on an H100, 70% of the
-vision tower's attention time; bench/profile_align_b16_compiled.txt). `patchify_with_matmul` computes the same
+patches, but cuDNN runs it with a slow implicit-GEMM kernel (bench/bench_train.py --patchify --profile FILE shows
+it). `patchify_with_matmul` computes the same
 product with one reshape and one `F.linear` on the module's own weights, so nothing changes in the checkpoint.
 
-Vision MLP (on CUDA, frozen layers): the GELU after fc1 ran as its own kernel over a (272×1024, 3072) tensor, 1.2 ms
-per layer, a fifth of the layer's matmul time (bench/profile_train_run_b16.txt). `fuse_mlp_gelu` has the
+Vision MLP (on CUDA, frozen layers): the GELU after fc1 runs as its own memory-bound kernel over the whole
+(tiles×1024, 3072) activation (bench/bench_train.py --fuse-gelu --profile FILE). `fuse_mlp_gelu` has the
 matmul apply bias and GELU in its epilogue. The MLP's activation is tanh-GELU, which is what cuBLASLt computes there.
 """
 
@@ -175,10 +175,10 @@ def text_config(model):
 @contextlib.contextmanager
 def sdpa_for_unpacked_rows(model, inputs: dict):
     """Within it, a flex-attention LLM attends with SDPA when the batch has no packed rows (the collator then sends
-    no `position_ids`). At the training shapes cuDNN's causal SDPA kernel takes 0.39/1.13 ms forward/backward per
-    layer against flex attention's 0.61/1.60 (bench/RESULTS.md, fifth lease). Hold it over the whole training step,
-    backward included: a checkpointed layer runs its forward again there and must attend the same way. Compiled
-    layers compile once more for the other attention and keep both graphs."""
+    no `position_ids`): at the training shapes cuDNN's causal SDPA kernel beats flex attention
+    (bench/bench_attention.py). Hold it over the whole training step, backward included: a checkpointed layer runs
+    its forward again there and must attend the same way. Compiled layers compile once more for the other attention
+    and keep both graphs."""
     config = text_config(model)
     if "position_ids" in inputs or getattr(config, "_attn_implementation", None) != FLEX:
         yield

@@ -188,7 +188,7 @@ class GraftTrainer(Trainer):
     # -- logging ------------------------------------------------------------------------------------------------
     def floating_point_ops(self, inputs: dict) -> int:
         # The Trainer's estimate (6 × input tokens × non-embedding parameters, summed into `total_flos`) counts the
-        # model's parameters again at every step: ~1.4 ms of Python at real size, while batch 4 waits on the host.
+        # model's parameters again at every step, host time that small batches wait on (bench/bench_train_run.py).
         main_input = getattr(self.model, "main_input_name", "input_ids")
         if main_input not in inputs or not hasattr(self.model, "num_parameters"):
             return 0
