@@ -90,3 +90,16 @@ def test_serve_defaults_to_the_recorded_switch_and_requests_override(loaded, tra
                                       think=True), model, processor)
     assert explicit.state.vlmgraft.template_defaults == {"enable_thinking": True}
 
+
+def test_webui_thinking_box_starts_at_the_recorded_switch(loaded, trained, tiny_graft):
+    gradio = pytest.importorskip("gradio", reason="gradio is in the [webui] and [dev] extras")
+    from vlmgraft.infer.webui import Backend, Page, WebuiOptions
+
+    model, processor = loaded
+
+    def box(folder, think=None):
+        options = WebuiOptions(model=str(folder), think=think, device="cpu", max_batch_size=1, max_model_len=256)
+        return Page(Backend(options, model, processor), gradio).thinking_value()
+
+    assert box(trained) is False and box(trained, think=True) is True
+    assert box(tiny_graft) is True  # nothing recorded: the Qwen3 template thinks by default

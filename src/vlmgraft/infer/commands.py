@@ -1,4 +1,4 @@
-"""CLI for inference: `vlmgraft chat`, `vlmgraft detect` and `vlmgraft serve`."""
+"""CLI for inference: `vlmgraft chat`, `vlmgraft detect`, `vlmgraft serve` and `vlmgraft webui`."""
 
 from __future__ import annotations
 
@@ -70,6 +70,17 @@ def register(sub) -> None:
     _add_think_args(serve)
     serve.set_defaults(func=_serve)
 
+    webui = sub.add_parser("webui", help="a page to try a model in the browser: chat with images, and detection")
+    _add_model_args(webui)
+    webui.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
+    webui.add_argument("--port", type=int, default=7860)
+    webui.add_argument("--max-image-bytes", type=int, default=20 * 1024 * 1024, help="largest upload accepted")
+    webui.add_argument("--max-batch-size", type=int, default=8, help="questions from several pages decoded together")
+    webui.add_argument("--max-model-len", type=int, default=4096, help="prompt + answer tokens per conversation")
+    webui.add_argument("--max-new-tokens", type=int, default=1024)
+    _add_think_args(webui)
+    webui.set_defaults(func=_webui)
+
 
 def _chat(args) -> int:
     from vlmgraft.infer.chat import ChatOptions, run_chat
@@ -124,4 +135,13 @@ def _serve(args: argparse.Namespace) -> int:
                      max_image_bytes=args.max_image_bytes, served_model_name=args.served_model_name,
                      device=args.device, dtype=args.dtype, cuda_graphs=args.cuda_graphs, compile=args.compile,
                      batch_window_ms=args.batch_window_ms, think=args.think))
+    return 0
+
+
+def _webui(args: argparse.Namespace) -> int:
+    from vlmgraft.infer.webui import WebuiOptions, run
+
+    run(WebuiOptions(model=args.model, host=args.host, port=args.port, max_image_bytes=args.max_image_bytes,
+                     max_batch_size=args.max_batch_size, max_model_len=args.max_model_len,
+                     max_new_tokens=args.max_new_tokens, think=args.think, device=args.device, dtype=args.dtype))
     return 0
