@@ -92,7 +92,8 @@ def test_serve_defaults_to_the_recorded_switch_and_requests_override(loaded, tra
 
 
 def test_webui_thinking_box_starts_at_the_recorded_switch(loaded, trained, tiny_graft):
-    gradio = pytest.importorskip("gradio", reason="gradio is in the [webui] and [dev] extras")
+    import gradio  # the [webui] extra, in [dev]
+
     from vlmgraft.infer.webui import Backend, Page, WebuiOptions
 
     model, processor = loaded

@@ -7,7 +7,6 @@ VLMGRAFT_WEBUI_SCREENSHOT to a path, the same test takes the README's screenshot
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import sys
 from pathlib import Path
@@ -71,7 +70,7 @@ def test_page_binds_loopback_by_default(tiny_graft):
 
 
 def test_bad_images_and_failed_generations_are_messages_and_the_page_goes_on(backend, tmp_path, monkeypatch):
-    gradio = pytest.importorskip("gradio", reason="gradio is in the [webui] and [dev] extras")
+    import gradio  # the [webui] extra, in [dev]
     page = Page(backend, gradio)
     state = {"messages": [], "images": [], "image": None}
     truncated = tmp_path / "truncated.png"
@@ -99,19 +98,16 @@ def test_bad_images_and_failed_generations_are_messages_and_the_page_goes_on(bac
     assert later["messages"][2]["content"] == [{"type": "text", "text": "and the shape?"}]
 
 
-def test_big_uploads_are_refused_before_decoding(tiny_graft, tmp_path):
-    backend = Backend.__new__(Backend)  # only the policy: no engine needed to check the limits
-    from vlmgraft.infer.images import ImagePolicy
-
-    backend.policy = ImagePolicy(max_bytes=1000, max_pixels=10_000)
+def test_big_uploads_are_refused_before_decoding(backend, tmp_path):
+    strict = Backend(small_options(backend.options.model, max_image_bytes=1000), backend.model, backend.processor)
     big = tmp_path / "big.png"
     Image.effect_noise((200, 200), 50).save(big)
     with pytest.raises(VlmgraftError, match="over the limit of 1000 bytes"):
-        backend.load_image(str(big))
+        strict.load_image(str(big))
 
 
 def test_real_browser_uploads_asks_streams_and_detects(tiny_graft, tmp_path):
-    if not shutil.which("chromium") and not os.path.exists(CHROMIUM):
+    if not os.path.exists(CHROMIUM):
         pytest.fail(NO_CHROMIUM)
     try:
         from playwright.sync_api import sync_playwright
