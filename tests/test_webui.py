@@ -157,6 +157,7 @@ def test_real_browser_uploads_asks_streams_and_detects(tiny_graft, tmp_path):
             detect.get_by_label("Classes").fill("圆形, 正方形")
             detect.get_by_role("button", name="Detect").click()
             detect.get_by_text('"parsed"').wait_for(timeout=60_000)
+            page.wait_for_function("() => !document.querySelector('[role=tabpanel] .pending')", timeout=30_000)
             assert detect.locator("img").count() >= 2  # the upload and the picture with its boxes
             page.screenshot(path=str(screenshot.with_name(screenshot.stem + "-detect.png")))
             browser.close()
