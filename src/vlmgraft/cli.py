@@ -1,4 +1,4 @@
-"""The one command line: `vlmgraft build|audit|data|train|merge|chat|detect|serve|eval|export|demo`.
+"""The one command line: `vlmgraft build|audit|data|train|merge|chat|detect|serve|webui|eval|export|demo`.
 
 Each pipeline folder contributes its sub-commands through a `register(subparsers)` function; heavy imports happen
 only inside the command that needs them, so `vlmgraft --help` stays instant.

@@ -21,6 +21,7 @@ from vlmgraft.errors import VlmgraftError
 from vlmgraft.export import checkpoints
 from vlmgraft.export.parity import compare, logits_for, parity_inputs
 from vlmgraft.graft.build import DTYPES, guard_output
+from vlmgraft.infer.prompts import recorded_thinking
 
 REPORT_NAME = "merge_report.json"
 ADAPTER_MARKERS = ("base_model.model.", "lora_", "modules_to_save", "original_module", "base_layer",
@@ -126,7 +127,8 @@ def merge(opts: MergeOptions, log=print) -> dict:
     report = {
         "source": str(opts.source), "checkpoint": str(ckpt.folder), "kind": ckpt.kind,
         "base_model": ckpt.base or ckpt.meta.get("base_model"),
-        "stage": ckpt.meta.get("stage"), "dtype": opts.dtype, "tying": tying,
+        "stage": ckpt.meta.get("stage"), "enable_thinking": recorded_thinking(ckpt.folder),
+        "dtype": opts.dtype, "tying": tying,
         "tied_after_reload": tied_after_reload,
         "merge_parity": merge_parity, "reload_parity": reload_parity,
         "dtype_effect": compare(reference, reloaded_logits, float("inf")),

@@ -40,7 +40,7 @@ class ChatSession:
     """A conversation with its images; `ask` streams one answer and records the turn."""
 
     def __init__(self, model, processor, options: ChatOptions, out=None, err=None):
-        from vlmgraft.infer.prompts import supports_thinking
+        from vlmgraft.infer.prompts import default_thinking, supports_thinking
         from vlmgraft.infer.sampling import model_sampling_defaults
 
         self.model, self.processor, self.options = model, processor, options
@@ -52,6 +52,8 @@ class ChatSession:
         if options.think is not None and not supports_thinking(processor):
             print("note: this model's chat template has no thinking switch; --think/--no-think is ignored",
                   file=self.err)
+        # Unset: the thinking switch the model was trained with (an `enable_thinking: false` run answers without).
+        self.think = default_thinking(processor, options.model, options.think)
         self.reset()
 
     def reset(self) -> None:
@@ -86,7 +88,7 @@ class ChatSession:
         start = time.perf_counter()
         result = generate(self.model, self.processor, [self.history + [user]], [self.images + self.pending],
                           max_new_tokens=self.options.max_new_tokens, seed=self.options.seed,
-                          enable_thinking=self.options.think, stream=show if stream else None, **self.sampling)[0]
+                          enable_thinking=self.think, stream=show if stream else None, **self.sampling)[0]
         seconds = time.perf_counter() - start
         if stream:
             thought, answer = splitter.feed("", final=True)

@@ -1,4 +1,4 @@
-"""CLI for inference: `vlmgraft chat`, `vlmgraft detect` and `vlmgraft serve`."""
+"""CLI for inference: `vlmgraft chat`, `vlmgraft detect`, `vlmgraft serve` and `vlmgraft webui`."""
 
 from __future__ import annotations
 
@@ -13,6 +13,13 @@ def _add_model_args(parser) -> None:
     parser.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp16 on MPS, fp32 on CPU) or a dtype")
 
 
+def _add_think_args(parser) -> None:
+    parser.add_argument("--think", dest="think", action="store_true", default=None,
+                        help="turn the LLM's thinking on (templates with an enable_thinking switch, e.g. Qwen3; "
+                             "default: what the model was trained with, else the template's default)")
+    parser.add_argument("--no-think", dest="think", action="store_false", help="turn the LLM's thinking off")
+
+
 def register(sub) -> None:
     chat = sub.add_parser("chat", help="talk to a model (one question with --prompt, else an interactive session)")
     _add_model_args(chat)
@@ -20,9 +27,7 @@ def register(sub) -> None:
                       help="image for the first message (repeatable)")
     chat.add_argument("--prompt", help="ask this one question, print the answer and exit")
     chat.add_argument("--system", help="system prompt")
-    chat.add_argument("--think", dest="think", action="store_true", default=None,
-                      help="turn the LLM's thinking on (templates with an enable_thinking switch, e.g. Qwen3)")
-    chat.add_argument("--no-think", dest="think", action="store_false", help="turn the LLM's thinking off")
+    _add_think_args(chat)
     chat.add_argument("--temperature", type=float, help="0 = greedy (default: the model's generation config)")
     chat.add_argument("--top-p", type=float)
     chat.add_argument("--top-k", type=int)
@@ -62,7 +67,19 @@ def register(sub) -> None:
                        help="run decode steps eagerly on CUDA (debugging)")
     serve.add_argument("--compile", action="store_true",
                        help="torch.compile the decode step of small batches (faster batch-1 decode; minutes of warm-up)")
+    _add_think_args(serve)
     serve.set_defaults(func=_serve)
+
+    webui = sub.add_parser("webui", help="a page to try a model in the browser: chat with images, and detection")
+    _add_model_args(webui)
+    webui.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
+    webui.add_argument("--port", type=int, default=7860)
+    webui.add_argument("--max-image-bytes", type=int, default=20 * 1024 * 1024, help="largest upload accepted")
+    webui.add_argument("--max-batch-size", type=int, default=8, help="questions from several pages decoded together")
+    webui.add_argument("--max-model-len", type=int, default=4096, help="prompt + answer tokens per conversation")
+    webui.add_argument("--max-new-tokens", type=int, default=1024)
+    _add_think_args(webui)
+    webui.set_defaults(func=_webui)
 
 
 def _chat(args) -> int:
@@ -120,5 +137,14 @@ def _serve(args: argparse.Namespace) -> int:
                      max_batch_size=args.max_batch_size, max_model_len=args.max_model_len,
                      max_image_bytes=args.max_image_bytes, served_model_name=args.served_model_name,
                      device=args.device, dtype=args.dtype, cuda_graphs=args.cuda_graphs, compile=args.compile,
-                     batch_window_ms=args.batch_window_ms))
+                     batch_window_ms=args.batch_window_ms, think=args.think))
+    return 0
+
+
+def _webui(args: argparse.Namespace) -> int:
+    from vlmgraft.infer.webui import WebuiOptions, run
+
+    run(WebuiOptions(model=args.model, host=args.host, port=args.port, max_image_bytes=args.max_image_bytes,
+                     max_batch_size=args.max_batch_size, max_model_len=args.max_model_len,
+                     max_new_tokens=args.max_new_tokens, think=args.think, device=args.device, dtype=args.dtype))
     return 0

@@ -141,21 +141,29 @@ class Detection:
         return "\n".join(self.answers)
 
 
+def detection_conversations(classes: list[str], lang: str | None = None) -> list[list[dict]]:
+    """One conversation per class, asked as grounding data asks; each holds one image part (the same picture)."""
+    return [[{"role": "user", "content": [{"type": "image"},
+                                          {"type": "text", "text": grounding_prompt([name], lang)}]}]
+            for name in classes]
+
+
+def collect_detection(classes: list[str], answers: list[str], width: int, height: int) -> Detection:
+    """The answers to `detection_conversations` → pixel boxes of a `width` × `height` image."""
+    boxes, parsed = [], True
+    for name, answer in zip(classes, answers, strict=True):
+        found = parse_boxes(answer)
+        parsed = parsed and found is not None
+        for item in boxes_to_pixels(found or [], width, height):
+            boxes.append(item | {"label": item["label"] or name})
+    return Detection(boxes, list(answers), parsed, width, height)
+
+
 def detect(model, processor, image: Image.Image, classes: list[str], lang: str | None = None,
            max_new_tokens: int = 512) -> Detection:
     """One question per class (as grounding data asks them), answered in one batch; boxes in original pixels."""
     from vlmgraft.infer.generate import generate
 
-    conversations = [[{"role": "user", "content": [{"type": "image"},
-                                                   {"type": "text", "text": grounding_prompt([name], lang)}]}]
-                     for name in classes]
-    results = generate(model, processor, conversations, [[image]] * len(classes), max_new_tokens=max_new_tokens,
-                       enable_thinking=False)
-    width, height = image.size
-    boxes, parsed = [], True
-    for name, result in zip(classes, results, strict=True):
-        found = parse_boxes(result.text)
-        parsed = parsed and found is not None
-        for item in boxes_to_pixels(found or [], width, height):
-            boxes.append(item | {"label": item["label"] or name})
-    return Detection(boxes, [r.text for r in results], parsed, width, height)
+    results = generate(model, processor, detection_conversations(classes, lang), [[image]] * len(classes),
+                       max_new_tokens=max_new_tokens, enable_thinking=False)
+    return collect_detection(classes, [r.text for r in results], *image.size)

@@ -7,11 +7,15 @@ order. The graft's chat template (the LLM's own, with a prelude for image parts)
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+# Files in which `vlmgraft train` (and `vlmgraft merge`, passing it on) records the run's `enable_thinking`.
+THINKING_RECORDS = ("vlmgraft_checkpoint.json", "merge_report.json")
 
 
 @dataclass
@@ -28,6 +32,30 @@ def supports_thinking(processor) -> bool:
     """Whether the chat template has a thinking switch (Qwen3-style `enable_thinking`)."""
     template = getattr(processor, "chat_template", None) or getattr(processor.tokenizer, "chat_template", None) or ""
     return "enable_thinking" in str(template)
+
+
+def recorded_thinking(model_dir) -> bool | None:
+    """The `enable_thinking` a model was trained with, as its folder records it; None when nothing is recorded."""
+    for name in THINKING_RECORDS:
+        path = Path(str(model_dir)).expanduser() / name
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        value = record.get("enable_thinking") if isinstance(record, dict) else None
+        if value is None and isinstance(record, dict):  # runs from before the top-level key: the run's own config
+            value = ((record.get("config") or {}).get("data_settings") or {}).get("enable_thinking")
+        if isinstance(value, bool):
+            return value
+    return None
+
+
+def default_thinking(processor, model_dir, explicit: bool | None = None) -> bool | None:
+    """What to pass as `enable_thinking`: an explicit choice, else what the model was trained with (None: the
+    template's own default, also for templates without a thinking switch)."""
+    if explicit is not None:
+        return explicit
+    return recorded_thinking(model_dir) if supports_thinking(processor) else None
 
 
 def render_prompt(processor, conversation: list[dict], enable_thinking: bool | None = None,

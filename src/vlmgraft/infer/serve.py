@@ -30,6 +30,7 @@ class ServeOptions:
     compile: bool = False
     batch_window_ms: float = 10.0
     sync_every: int = 8
+    think: bool | None = None  # None: what the model was trained with (requests may still say otherwise)
 
 
 def sampling_defaults(model, max_tokens: int):
@@ -45,6 +46,7 @@ def build_app(options: ServeOptions, model=None, processor=None):
 
     from vlmgraft.infer.engine import Engine, EngineConfig
     from vlmgraft.infer.model import load_for_inference
+    from vlmgraft.infer.prompts import default_thinking
     from vlmgraft.infer.server import ServerState, create_app
     from vlmgraft.infer.worker import EngineWorker
 
@@ -65,6 +67,7 @@ def build_app(options: ServeOptions, model=None, processor=None):
         print("warming up (capturing CUDA graphs" + (", compiling" if options.compile else "") + ") ...", flush=True)
         engine.warmup()
     worker = EngineWorker(engine, processor.tokenizer, batch_window_s=options.batch_window_ms / 1000)
+    think = default_thinking(processor, options.model, options.think)
     name = options.served_model_name or Path(options.model).name or options.model
     state = ServerState(model_id=name, processor=processor, worker=worker,
                         image_policy=ImagePolicy(allow_remote=options.allow_remote_images,
@@ -72,6 +75,7 @@ def build_app(options: ServeOptions, model=None, processor=None):
                                                  max_bytes=options.max_image_bytes),
                         api_key=options.api_key, defaults=sampling_defaults(model, 1024),
                         aliases=(options.model,), device=str(engine.device),
+                        template_defaults={} if think is None else {"enable_thinking": think},
                         max_body_bytes=16 * options.max_image_bytes * 4 // 3 + 2**20)  # 16 base64 images + text
     return create_app(state)
 

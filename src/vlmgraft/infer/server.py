@@ -39,6 +39,8 @@ class ServerState:
     # what an unset field of a request means (serve fills it from the model's generation config)
     defaults: SamplingParams = field(default_factory=lambda: SamplingParams(max_new_tokens=1024))
     aliases: tuple[str, ...] = ()
+    # chat template arguments a request's `chat_template_kwargs` may override (serve: the model's thinking default)
+    template_defaults: dict = field(default_factory=dict)
     device: str = "cpu"
     max_body_bytes: int = 64 * 1024 * 1024
     started: float = field(default_factory=time.time)
@@ -135,7 +137,8 @@ def _prepare(state: ServerState, chat: api.ChatRequest):
         except ImageError as err:
             raise api.ApiError(err.status, f"{param}: {err}", param=param, code=err.code) from err
     try:
-        return prepare(state.processor, chat.conversation, images, template_kwargs=chat.template_kwargs)
+        return prepare(state.processor, chat.conversation, images,
+                       template_kwargs={**state.template_defaults, **chat.template_kwargs})
     except api.ApiError:
         raise
     except Exception as err:  # template or processor rejected the conversation: the client's input

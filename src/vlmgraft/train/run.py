@@ -218,7 +218,9 @@ def train(config: TrainConfig, force: bool = False, callbacks: tuple = (), echo=
          f"{config.data_settings.num_workers})")
     base_model = config.model
     meta = {"base_model": str(Path(base_model).resolve()) if hub.is_local(base_model) else base_model,
-            "stage": plan.stage, "lora": plan.lora, "config": to_dict(config)}
+            "stage": plan.stage, "lora": plan.lora, "config": to_dict(config),
+            # chat, serve and webui default to the thinking switch the model learnt to answer with
+            "enable_thinking": config.data_settings.enable_thinking}
     fixed = [eval_ds[i] for i in range(min(config.num_sample_images, len(eval_ds)))] if eval_ds else []
     sample_set = [s for s in fixed if s is not None]  # a row whose image was unreadable is skipped
     trainer = GraftTrainer(
