@@ -12,16 +12,18 @@ import json
 import logging
 import secrets
 import time
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from vlmgraft.infer import openai_api as api
 from vlmgraft.infer.images import ImageError, ImagePolicy, load_image
+from vlmgraft.infer.limits import BodyBudget, PixelTally, RequestLimits, check_image_count, declared_size
 from vlmgraft.infer.prompts import ReasoningSplitter, prepare, split_reasoning
 from vlmgraft.infer.sampling import SamplingParams
 from vlmgraft.infer.worker import EngineWorker, StreamEvent
@@ -41,7 +43,12 @@ class ServerState:
     aliases: tuple[str, ...] = ()
     device: str = "cpu"
     max_body_bytes: int = 64 * 1024 * 1024
+    limits: RequestLimits = field(default_factory=RequestLimits)
     started: float = field(default_factory=time.time)
+
+    def __post_init__(self):
+        self.bodies = BodyBudget(max(self.limits.max_pending_bytes, self.max_body_bytes))
+        self.decoding = asyncio.Semaphore(self.limits.max_decodes)  # binds to the loop that first waits on it
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -56,7 +63,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.exception_handler(api.ApiError)
     async def _api_error(request: Request, err: api.ApiError):
-        return JSONResponse(err.body(), status_code=err.status)
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, err: StarletteHTTPException):
@@ -66,6 +73,10 @@ def create_app(state: ServerState) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, err: RequestValidationError):
         return JSONResponse(api.error_body(str(err.errors()[:3])), status_code=400)
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(request: Request, err: ClientDisconnect):
+        return Response(status_code=499)  # hung up while sending its body: nobody reads the answer
 
     @app.exception_handler(Exception)
     async def _server_error(request: Request, err: Exception):
@@ -85,7 +96,8 @@ def create_app(state: ServerState) -> FastAPI:
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": state.model_id, "device": state.device,
-                "uptime_s": round(time.time() - state.started, 1), "engine": state.worker.snapshot()}
+                "uptime_s": round(time.time() - state.started, 1), "engine": state.worker.snapshot(),
+                "pending_body_bytes": state.bodies.held}
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -96,44 +108,74 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         authorize(request)
-        raw = await _read_body(request, state.max_body_bytes)
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise api.ApiError(400, f"the request body is not valid JSON: {err}") from err
-        chat = api.parse_chat_request(body, state.defaults)
-        if chat.model not in (state.model_id, *state.aliases):
-            raise api.ApiError(404, f"the model {chat.model!r} does not exist; this server serves "
-                                    f"{state.model_id!r}", param="model", code="model_not_found")
-        prepared = await asyncio.to_thread(_prepare, state, chat)
+        with state.bodies.hold() as claim:  # released once the images are model inputs
+            chat, prepared = await _read_and_prepare(state, request, claim)
         _fit_length(state, chat, len(prepared.input_ids))
         return await _respond(state, chat, prepared, request)
 
     return app
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it is known to be over the limit (never read whole into memory)."""
+async def _read_and_prepare(state: ServerState, request: Request, claim):
+    """Body → validated request → model inputs; the body and its images are dropped on return."""
+    raw = await _read_body(request, state.max_body_bytes, claim)
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise api.ApiError(400, f"the request body is not valid JSON: {err}") from err
+    chat = api.parse_chat_request(body, state.defaults)
+    if chat.model not in (state.model_id, *state.aliases):
+        raise api.ApiError(404, f"the model {chat.model!r} does not exist; this server serves "
+                                f"{state.model_id!r}", param="model", code="model_not_found")
+    check_image_count(chat.image_urls, state.limits)
+    tally, sizes = await asyncio.to_thread(_declared_pixels, state, chat)
+    async with state.decoding if chat.image_urls else nullcontext():
+        prepared = await asyncio.to_thread(_prepare, state, chat, tally, sizes)
+    chat.image_urls = []  # the data URLs are not needed while generating
+    return chat, prepared
+
+
+async def _read_body(request: Request, limit: int, claim) -> bytes:
+    """The body, refused with 413 as soon as it is known to be over the limit (never read whole into memory), and
+    with 503 when the bodies already held would pass the server's budget."""
     declared = request.headers.get("content-length", "")
+    declared = declared if declared.isascii() else ""
     too_big = api.ApiError(413, f"the request body is over the limit of {limit} bytes", code="request_too_large")
     if declared.isdigit() and int(declared) > limit:
         raise too_big
+    if declared.isdigit():
+        claim.grow(int(declared))
     chunks, total = [], 0
     async for piece in request.stream():
         total += len(piece)
         if total > limit:
             raise too_big
+        if total > claim.bytes:
+            claim.grow(total - claim.bytes)
         chunks.append(piece)
     return b"".join(chunks)
 
 
-def _prepare(state: ServerState, chat: api.ChatRequest):
+def _declared_pixels(state: ServerState, chat: api.ChatRequest) -> tuple[PixelTally, list]:
+    """Refuse the request if its data-URL images declare too many pixels, from their headers alone."""
+    tally = PixelTally(state.limits)
+    sizes = [declared_size(url, param) for url, param in chat.image_urls]
+    for size, (_, param) in zip(sizes, chat.image_urls, strict=True):
+        if size is not None:
+            tally.add(*size, param)
+    return tally, sizes
+
+
+def _prepare(state: ServerState, chat: api.ChatRequest, tally: PixelTally, sizes: list):
     images = []
-    for url, param in chat.image_urls:
+    for (url, param), size in zip(chat.image_urls, sizes, strict=True):
         try:
-            images.append(load_image(url, state.image_policy))
+            image = load_image(url, state.image_policy)
         except ImageError as err:
             raise api.ApiError(err.status, f"{param}: {err}", param=param, code=err.code) from err
+        if size is None:  # a file or remote image: its size is known once loaded (each under the per-image limit)
+            tally.add(image.width, image.height, param)
+        images.append(image)
     try:
         return prepare(state.processor, chat.conversation, images, template_kwargs=chat.template_kwargs)
     except api.ApiError:
