@@ -4,11 +4,15 @@ up, and engine steps that fail (injected on the CPU)."""
 from __future__ import annotations
 
 import base64
+import json
 import socket
 import struct
+import threading
 import zlib
+from types import SimpleNamespace
 from urllib.parse import urlparse
 
+import httpx
 import pytest
 from PIL import Image, ImageFile
 from serving import KEY, data_url, error, health, post, start_server, wait_for
@@ -88,3 +92,60 @@ def test_request_bodies_held_at_once_are_bounded(server, monkeypatch):
     slow.close()
     wait_for(lambda: health(server)["pending_body_bytes"] == 0, "the abandoned upload to be released")
     assert post(server, padded).status_code == 200
+
+
+@pytest.fixture
+def gate(server, monkeypatch):
+    """The server's engine takes a step only per released permit; `cancelled` is set when the server cancels."""
+    worker = server["state"].worker
+    permits, cancelled = threading.Semaphore(0), threading.Event()
+    step, cancel = worker.engine.step, worker.cancel
+
+    def gated_step():
+        permits.acquire(timeout=60)
+        return step()
+
+    def noted_cancel(request):
+        cancelled.set()
+        cancel(request)
+
+    monkeypatch.setattr(worker.engine, "step", gated_step)
+    monkeypatch.setattr(worker, "cancel", noted_cancel)
+    yield SimpleNamespace(permits=permits, cancelled=cancelled)
+    permits.release(100_000)
+
+
+def _story(server, stream: bool) -> dict:
+    return _ask(server, "tell me a story", max_tokens=150, temperature=0, stream=stream)
+
+
+def _generating(server, before: int) -> dict:
+    """Let the prefill and one decode chunk run; the engine's stats once its first tokens are out."""
+    return wait_for(lambda: (e := health(server)["engine"])["generated_tokens"] > before and e, "the first tokens")
+
+
+def _hung_up(server, gate, before: int) -> None:
+    assert gate.cancelled.wait(30), "the server did not cancel the generation of a client that hung up"
+    gate.permits.release(100_000)
+    engine = wait_for(lambda: (e := health(server)["engine"])["running"] + e["waiting"] == 0 and e, "a free slot")
+    assert engine["generated_tokens"] - before < 15  # the chunk in flight at most, not the 150 tokens asked
+
+
+def test_a_client_that_hangs_up_without_streaming_frees_its_slot(server, gate):
+    before = health(server)["engine"]["generated_tokens"]
+    sock = _send(server, json.dumps(_story(server, stream=False)).encode())
+    gate.permits.release(2)
+    assert _generating(server, before)["running"] == 1  # still generating when the client goes
+    sock.close()
+    _hung_up(server, gate, before)
+
+
+def test_a_dropped_stream_frees_its_slot(server, gate):
+    before = health(server)["engine"]["generated_tokens"]
+    with httpx.stream("POST", server["url"] + "/v1/chat/completions", json=_story(server, stream=True),
+                      headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as response:
+        lines = response.iter_lines()  # kept: a dropped line iterator closes the connection
+        assert next(lines).startswith("data: ")
+        gate.permits.release(2)
+        assert _generating(server, before)["running"] == 1  # still streaming when the client goes
+    _hung_up(server, gate, before)

@@ -198,21 +198,27 @@ def _fit_length(state: ServerState, chat: api.ChatRequest, prompt_tokens: int) -
 
 async def _respond(state: ServerState, chat: api.ChatRequest, prepared, request: Request):
     loop = asyncio.get_running_loop()
-    events: asyncio.Queue[StreamEvent] = asyncio.Queue()
+    events: asyncio.Queue[StreamEvent | None] = asyncio.Queue()
     handle = state.worker.submit(prepared, chat.params, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
     completion_id = api.new_completion_id()
     prompt_tokens = len(prepared.input_ids)
     if not chat.stream:
         pieces = []
+        # A client that hangs up frees its slot, as a dropped stream does: the watcher wakes the loop below.
+        watcher = asyncio.create_task(_put_on_disconnect(request, events))
         try:
             while True:
                 event = await events.get()
+                if event is None:
+                    log.info("client disconnected: generation cancelled")
+                    return Response(status_code=499)  # nobody reads it (nginx's "client closed request")
                 pieces.append(event.delta)
                 if event.error:
                     raise api.ApiError(500, f"generation failed: {event.error}", "server_error")
                 if event.finish_reason:
                     break
         finally:
+            watcher.cancel()
             if not handle.done:
                 state.worker.cancel(handle)
         answer, reasoning = split_reasoning("".join(pieces), prepared.opens_thinking)
@@ -221,10 +227,13 @@ async def _respond(state: ServerState, chat: api.ChatRequest, prepared, request:
 
     async def sse():
         splitter = ReasoningSplitter(prepared.opens_thinking)
+        watcher = asyncio.create_task(_put_on_disconnect(request, events))
         try:
             yield _sse(api.chunk(completion_id, chat.model, {"role": "assistant", "content": ""}))
             while True:
                 event = await events.get()
+                if event is None:  # the client hung up
+                    return
                 if event.error:
                     yield _sse(api.error_body(f"generation failed: {event.error}", "server_error"))
                     break
@@ -241,11 +250,19 @@ async def _respond(state: ServerState, chat: api.ChatRequest, prepared, request:
                     break
             yield "data: [DONE]\n\n"
         finally:  # client went away or we are done: free the slot either way
+            watcher.cancel()
             if not handle.done:
                 state.worker.cancel(handle)
 
     return StreamingResponse(sse(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _put_on_disconnect(request: Request, events: asyncio.Queue) -> None:
+    """Put None on the queue when the client closes the connection (the body is read: only that can arrive)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    events.put_nowait(None)
 
 
 def _sse(payload: dict) -> str:
