@@ -72,6 +72,19 @@ def test_seed_stop_and_template_kwargs_are_honoured(server, client):
     assert thinking_off.usage.prompt_tokens > client.chat.completions.create(**ask, temperature=0).usage.prompt_tokens
 
 
+def test_template_kwargs_are_limited_to_the_template_switches(server):
+    ok = {"model": server["model"], "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    for key, value in (("chat_template", "PWNED {{ messages|length }}"), ("tokenize", True),
+                       ("add_generation_prompt", False), ("continue_final_message", True), ("return_dict", True),
+                       ("tools", [{"type": "function", "function": {"name": "f"}}]), ("messages", [])):
+        refused = error(post(server, {**ok, "chat_template_kwargs": {key: value}}), 400)
+        assert refused["param"] == f"chat_template_kwargs.{key}" and repr(key) in refused["message"]
+        assert "enable_thinking" in refused["message"]  # says what is accepted
+    wrong_type = error(post(server, {**ok, "chat_template_kwargs": {"enable_thinking": "no"}}), 400)
+    assert wrong_type["param"] == "chat_template_kwargs.enable_thinking"
+    assert post(server, {**ok, "chat_template_kwargs": {"enable_thinking": False}}).status_code == 200
+
+
 def test_models_and_health(server, client):
     assert [m.id for m in client.models.list().data] == [server["model"]]
     health = httpx.get(server["url"] + "/health").json()
