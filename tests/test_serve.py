@@ -85,6 +85,15 @@ def test_template_kwargs_are_limited_to_the_template_switches(server):
     assert post(server, {**ok, "chat_template_kwargs": {"enable_thinking": False}}).status_code == 200
 
 
+def test_api_keys_are_compared_as_bytes():
+    from vlmgraft.infer.server import bearer_matches
+
+    sent = "Bearer ключ".encode().decode("latin-1")  # how an ASGI server hands over the header
+    assert bearer_matches(sent, "ключ")
+    assert not bearer_matches(sent, "test-key") and not bearer_matches("Bearer ключ", "test-key")
+    assert not bearer_matches("Basic test-key", "test-key") and bearer_matches("bearer test-key ", "test-key")
+
+
 def test_models_and_health(server, client):
     assert [m.id for m in client.models.list().data] == [server["model"]]
     health = httpx.get(server["url"] + "/health").json()
@@ -101,6 +110,7 @@ def test_bad_requests_get_openai_errors_not_500s(server, tmp_path):
     assert error(post(server, {**ok, "model": "gpt-9"}), 404)["code"] == "model_not_found"
     assert error(post(server, ok, key=None), 401)["type"] == "authentication_error"
     error(post(server, ok, key="wrong"), 401)
+    assert error(post(server, ok, key="ключ-ü"), 401)["code"] == "invalid_api_key"  # not a 500
     error(httpx.get(server["url"] + "/v1/models"), 401)
     error(httpx.get(server["url"] + "/v1/nothing-here"), 404)
 

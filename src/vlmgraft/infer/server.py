@@ -8,9 +8,9 @@ anything the client can fix; only a fault of the server itself is a 500.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
-import secrets
 import time
 from contextlib import asynccontextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -87,9 +87,7 @@ def create_app(state: ServerState) -> FastAPI:
     def authorize(request: Request) -> None:
         if state.api_key is None:
             return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), state.api_key):
+        if not bearer_matches(request.headers.get("authorization", ""), state.api_key):
             raise api.ApiError(401, "missing or invalid API key (send 'Authorization: Bearer <key>')",
                                "authentication_error", None, "invalid_api_key")
 
@@ -114,6 +112,14 @@ def create_app(state: ServerState) -> FastAPI:
         return await _respond(state, chat, prepared, request)
 
     return app
+
+
+def bearer_matches(header: str, key: str) -> bool:
+    """Whether an Authorization header carries the key, compared in constant time as bytes (a non-ASCII token is
+    then a mismatch, not an error; headers arrive decoded as latin-1, so encoding back gives the bytes sent)."""
+    scheme, _, token = header.partition(" ")
+    sent = token.strip().encode("latin-1", "replace")
+    return hmac.compare_digest(sent, key.encode("utf-8")) and scheme.lower() == "bearer"
 
 
 async def _read_and_prepare(state: ServerState, request: Request, claim):
