@@ -14,11 +14,16 @@ from urllib.parse import urlparse
 
 import httpx
 import pytest
+import torch
 from PIL import Image, ImageFile
 from serving import KEY, data_url, error, health, post, start_server, wait_for
 
+from vlmgraft.infer.engine import Engine, EngineConfig
 from vlmgraft.infer.limits import declared_size
 from vlmgraft.infer.openai_api import ApiError
+from vlmgraft.infer.prompts import prepare
+from vlmgraft.infer.sampling import SamplingParams
+from vlmgraft.infer.worker import EngineWorker
 
 RED_URL = data_url(Image.new("RGB", (64, 48), (200, 30, 30)))
 BIG_URL = data_url(Image.new("1", (5000, 5000), 1))  # 25 megapixels in about 12 KB: its header says so, not its size
@@ -149,3 +154,87 @@ def test_a_dropped_stream_frees_its_slot(server, gate):
         gate.permits.release(2)
         assert _generating(server, before)["running"] == 1  # still streaming when the client goes
     _hung_up(server, gate, before)
+
+
+def test_a_broken_device_fails_health_and_new_requests(server, monkeypatch):
+    worker = server["state"].worker
+    monkeypatch.setattr(worker, "_fault", None)  # restored on teardown: the module's server serves on
+    monkeypatch.setattr(worker, "_failed_steps", 0)
+
+    def broken(*args):
+        raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(worker.engine, "_decode_chunk", broken)
+    assert error(post(server, _ask(server, "hi")), 500)["type"] == "server_error"
+    response = httpx.get(server["url"] + "/health")
+    assert response.status_code == 503
+    assert response.json()["status"] == "error" and "illegal memory access" in response.json()["reason"]
+    assert error(post(server, _ask(server, "hi")), 503)["code"] == "engine_unavailable"
+
+
+# ---------------------------------------------------------------- the worker alone, with failures injected
+
+
+def _serve_all(engine, processor, texts: list[str]) -> list[list]:
+    """Submit the prompts together (one prefill batch), run the worker until all are answered; events per prompt."""
+    worker = EngineWorker(engine, processor.tokenizer)
+    params = SamplingParams(max_new_tokens=6, temperature=0)
+    events, done = [[] for _ in texts], [threading.Event() for _ in texts]
+
+    def collect(i):
+        return lambda ev: (events[i].append(ev), (ev.finish_reason or ev.error) and done[i].set())
+
+    for i, text in enumerate(texts):
+        worker.submit(prepare(processor, [{"role": "user", "content": text}], []), params, collect(i))
+    worker.start()
+    try:
+        assert all(d.wait(60) for d in done)
+    finally:
+        worker.stop()
+    return events, worker
+
+
+def _engine(model, processor):
+    return Engine(model, processor.tokenizer, EngineConfig(max_batch_size=4, max_seq_len=256, sync_every=2),
+                  eos_token_ids=[])
+
+
+def _text(events) -> str:
+    return "".join(ev.delta for ev in events)
+
+
+def test_a_prefill_that_fails_fails_only_its_request(loaded, monkeypatch):
+    model, processor = loaded
+    texts = ["hello", "this prompt is too large for the memory left", "bye"]
+    expected, _ = _serve_all(_engine(model, processor), processor, [texts[0], texts[2]])
+    engine = _engine(model, processor)
+    poisoned = prepare(processor, [{"role": "user", "content": texts[1]}], []).input_ids
+    batches, prefill = [], engine._prefill
+
+    def failing_prefill(batch):
+        batches.append(len(batch))
+        if any(seq.prompt_ids == poisoned for seq in batch):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return prefill(batch)
+
+    monkeypatch.setattr(engine, "_prefill", failing_prefill)
+    events, worker = _serve_all(engine, processor, texts)
+    assert batches[0] == 3 and batches[1:] == [1, 1, 1]  # tried together, then retried one at a time
+    assert "OutOfMemoryError" in events[1][-1].error
+    for mine, alone in zip((events[0], events[2]), expected, strict=True):
+        assert mine[-1].error is None and mine[-1].finish_reason == "length"
+        assert _text(mine) == _text(alone)  # the others answer as if nothing had happened
+    assert worker.fault() is None and worker.stats["errors"] == 1
+
+
+def test_repeated_failures_put_the_worker_out_of_service(loaded, monkeypatch):
+    model, processor = loaded
+    engine = _engine(model, processor)
+
+    def out_of_memory(batch):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(engine, "_prefill", out_of_memory)
+    events, worker = _serve_all(engine, processor, ["one", "two", "three"])
+    assert all("OutOfMemoryError" in e[-1].error for e in events)
+    assert "3 engine steps failed in a row" in worker.fault()

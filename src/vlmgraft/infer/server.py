@@ -2,7 +2,9 @@
 
 Routes: POST /v1/chat/completions (plain or server-sent events), GET /v1/models, GET /health (with batching
 statistics). Every error, bad input or not, is answered in OpenAI's `{"error": {...}}` shape with a 4xx code for
-anything the client can fix; only a fault of the server itself is a 500.
+anything the client can fix; only a fault of the server itself is a 500. Image counts and pixels are refused
+before anything is decoded (`limits.py`), a client that hangs up frees its batch slot whether it streams or not, and
+/health answers 503 once the engine is out of service.
 """
 
 from __future__ import annotations
@@ -93,9 +95,13 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": state.model_id, "device": state.device,
+        fault = state.worker.fault()
+        body = {"status": "error" if fault else "ok", "model": state.model_id, "device": state.device,
                 "uptime_s": round(time.time() - state.started, 1), "engine": state.worker.snapshot(),
                 "pending_body_bytes": state.bodies.held}
+        if fault:  # an orchestrator restarts a server whose health check fails
+            return JSONResponse({**body, "reason": fault}, status_code=503)
+        return body
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -106,6 +112,9 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         authorize(request)
+        if fault := state.worker.fault():
+            raise api.ApiError(503, f"the engine is out of service ({fault}); the server needs a restart",
+                               "server_error", code="engine_unavailable")
         with state.bodies.hold() as claim:  # released once the images are model inputs
             chat, prepared = await _read_and_prepare(state, request, claim)
         _fit_length(state, chat, len(prepared.input_ids))
