@@ -3,61 +3,23 @@
 from __future__ import annotations
 
 import base64
-import io
 import json
 import random
-import socket
 import threading
-import time
 
 import httpx
 import pytest
-from conftest import scramble
 from PIL import Image
+from serving import KEY, MAX_IMAGE_BYTES, data_url, error, post, start_server
 
 from vlmgraft.infer.generate import generate
-from vlmgraft.infer.model import load_for_inference
-from vlmgraft.infer.serve import ServeOptions, build_app
-
-KEY = "test-key"
-MAX_IMAGE_BYTES = 100_000
-
-
-
-def data_url(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-
 
 RED_URL = data_url(Image.new("RGB", (64, 48), (200, 30, 30)))
 
 
 @pytest.fixture(scope="module")
 def server(tiny_graft):
-    import uvicorn
-
-    model, processor = load_for_inference(tiny_graft, device="cpu", dtype="float32")
-    scramble(model)
-    options = ServeOptions(model=str(tiny_graft), api_key=KEY, max_batch_size=16, max_model_len=256,
-                           max_image_bytes=MAX_IMAGE_BYTES, device="cpu", batch_window_ms=20, sync_every=2)
-    app = build_app(options, model, processor)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    uv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if uv.started:
-            break
-        time.sleep(0.05)
-    assert uv.started, "server did not start"
-    yield {"url": f"http://127.0.0.1:{port}", "model": tiny_graft.name, "hf": (model, processor)}
-    uv.should_exit = True
-    thread.join(timeout=15)
-    sock.close()
-    assert not thread.is_alive()
+    yield from start_server(tiny_graft)
 
 
 @pytest.fixture(scope="module")
@@ -110,39 +72,47 @@ def test_seed_stop_and_template_kwargs_are_honoured(server, client):
     assert thinking_off.usage.prompt_tokens > client.chat.completions.create(**ask, temperature=0).usage.prompt_tokens
 
 
+def test_template_kwargs_are_limited_to_the_template_switches(server):
+    ok = {"model": server["model"], "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    for key, value in (("chat_template", "PWNED {{ messages|length }}"), ("tokenize", True),
+                       ("add_generation_prompt", False), ("continue_final_message", True), ("return_dict", True),
+                       ("tools", [{"type": "function", "function": {"name": "f"}}]), ("messages", [])):
+        refused = error(post(server, {**ok, "chat_template_kwargs": {key: value}}), 400)
+        assert refused["param"] == f"chat_template_kwargs.{key}" and repr(key) in refused["message"]
+        assert "enable_thinking" in refused["message"]  # says what is accepted
+    wrong_type = error(post(server, {**ok, "chat_template_kwargs": {"enable_thinking": "no"}}), 400)
+    assert wrong_type["param"] == "chat_template_kwargs.enable_thinking"
+    assert post(server, {**ok, "chat_template_kwargs": {"enable_thinking": False}}).status_code == 200
+
+
+def test_api_keys_are_compared_as_bytes():
+    from vlmgraft.infer.server import bearer_matches
+
+    sent = "Bearer ключ".encode().decode("latin-1")  # how an ASGI server hands over the header
+    assert bearer_matches(sent, "ключ")
+    assert not bearer_matches(sent, "test-key") and not bearer_matches("Bearer ключ", "test-key")
+    assert not bearer_matches("Basic test-key", "test-key") and bearer_matches("bearer test-key ", "test-key")
+
+
 def test_models_and_health(server, client):
     assert [m.id for m in client.models.list().data] == [server["model"]]
     health = httpx.get(server["url"] + "/health").json()
     assert health["status"] == "ok" and health["model"] == server["model"] and health["device"] == "cpu"
 
 
-def _post(server, body, key=KEY, raw: bytes | None = None):
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    if raw is not None:
-        headers["Content-Type"] = "application/json"
-        return httpx.post(server["url"] + "/v1/chat/completions", content=raw, headers=headers, timeout=30)
-    return httpx.post(server["url"] + "/v1/chat/completions", json=body, headers=headers, timeout=30)
-
-
-def _error(response, status):
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["message"]
-    return error
-
-
 def test_bad_requests_get_openai_errors_not_500s(server, tmp_path):
     ok = {"model": server["model"], "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-    assert _post(server, ok).status_code == 200
-    _error(_post(server, None, raw=b"{not json"), 400)
-    assert _error(_post(server, {"model": server["model"]}), 400)["param"] == "messages"
-    assert _error(_post(server, {**ok, "temperature": "hot"}), 400)["param"] == "temperature"
-    assert _error(_post(server, {**ok, "messages": [{"role": "robot", "content": "x"}]}), 400)["param"]
-    assert _error(_post(server, {**ok, "model": "gpt-9"}), 404)["code"] == "model_not_found"
-    assert _error(_post(server, ok, key=None), 401)["type"] == "authentication_error"
-    _error(_post(server, ok, key="wrong"), 401)
-    _error(httpx.get(server["url"] + "/v1/models"), 401)
-    _error(httpx.get(server["url"] + "/v1/nothing-here"), 404)
+    assert post(server, ok).status_code == 200
+    error(post(server, None, raw=b"{not json"), 400)
+    assert error(post(server, {"model": server["model"]}), 400)["param"] == "messages"
+    assert error(post(server, {**ok, "temperature": "hot"}), 400)["param"] == "temperature"
+    assert error(post(server, {**ok, "messages": [{"role": "robot", "content": "x"}]}), 400)["param"]
+    assert error(post(server, {**ok, "model": "gpt-9"}), 404)["code"] == "model_not_found"
+    assert error(post(server, ok, key=None), 401)["type"] == "authentication_error"
+    error(post(server, ok, key="wrong"), 401)
+    assert error(post(server, ok, key="ключ-ü"), 401)["code"] == "invalid_api_key"  # not a 500
+    error(httpx.get(server["url"] + "/v1/models"), 401)
+    error(httpx.get(server["url"] + "/v1/nothing-here"), 404)
 
     def with_image(url: str) -> dict:
         return {**ok, "messages": [{"role": "system", "content": "Be brief."},
@@ -150,39 +120,21 @@ def test_bad_requests_get_openai_errors_not_500s(server, tmp_path):
                                                                 {"type": "image_url", "image_url": {"url": url}}]}]}
 
     noise = Image.frombytes("RGB", (256, 256), random.Random(0).randbytes(256 * 256 * 3))  # incompressible
-    assert _error(_post(server, with_image(data_url(noise))), 413)["code"] == "image_too_large"
-    bad = _error(_post(server, with_image("data:image/png;base64,@@@@")), 400)
+    assert error(post(server, with_image(data_url(noise))), 413)["code"] == "image_too_large"
+    bad = error(post(server, with_image("data:image/png;base64,@@@@")), 400)
     assert "messages[1]" in bad["message"] and bad["param"] == "messages[1].content[1].image_url"
     not_image = "data:image/png;base64," + base64.b64encode(b"plain text, no pixels").decode()
-    assert "messages[1]" in _error(_post(server, with_image(not_image)), 400)["message"]
-    assert "allow-remote-images" in _error(_post(server, with_image("https://example.com/a.png")), 400)["message"]
+    assert "messages[1]" in error(post(server, with_image(not_image)), 400)["message"]
+    assert "allow-remote-images" in error(post(server, with_image("https://example.com/a.png")), 400)["message"]
     local = tmp_path / "red.png"
     Image.new("RGB", (8, 8)).save(local)
-    assert "allow-local-files" in _error(_post(server, with_image(str(local))), 400)["message"]
-    assert _error(_post(server, {**ok, "max_tokens": 100_000}), 400)["code"] == "context_length_exceeded"
+    assert "allow-local-files" in error(post(server, with_image(str(local))), 400)["message"]
+    assert error(post(server, {**ok, "max_tokens": 100_000}), 400)["code"] == "context_length_exceeded"
     huge = json.dumps({**ok, "padding": "x" * (16 * MAX_IMAGE_BYTES * 4 // 3 + 2**20)}).encode()
-    assert _error(_post(server, None, raw=huge), 413)["code"] == "request_too_large"
-    assert _error(_post(server, {**ok, "n": 3}), 400)["param"] == "n"
+    assert error(post(server, None, raw=huge), 413)["code"] == "request_too_large"
+    assert error(post(server, {**ok, "n": 3}), 400)["param"] == "n"
     literal = {**ok, "messages": [{"role": "user", "content": "<|image_pad|> sneaky"}]}
-    assert _post(server, literal).status_code == 400  # an image placeholder typed as text, with no image
-
-
-def test_a_dropped_stream_frees_its_slot(server):
-    body = {"model": server["model"], "messages": [{"role": "user", "content": "tell me a story"}],
-            "max_tokens": 150, "stream": True, "stream_options": {"include_usage": True}}
-    before = httpx.get(server["url"] + "/health").json()["engine"]["generated_tokens"]
-    with httpx.stream("POST", server["url"] + "/v1/chat/completions", json=body,
-                      headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as response:
-        lines = response.iter_lines()
-        assert next(lines).startswith("data: ")
-        assert next(line for line in lines if line).startswith("data: ")
-    for _ in range(100):
-        engine = httpx.get(server["url"] + "/health").json()["engine"]
-        if engine["running"] == 0 and engine["waiting"] == 0:
-            break
-        time.sleep(0.05)
-    assert engine["running"] == 0 and engine["waiting"] == 0
-    assert engine["generated_tokens"] - before < 150  # cancelled, not run to its end
+    assert post(server, literal).status_code == 400  # an image placeholder typed as text, with no image
 
 
 def test_concurrent_burst_is_batched_without_failures(server):

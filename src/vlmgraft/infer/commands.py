@@ -60,7 +60,14 @@ def register(sub) -> None:
     serve.add_argument("--allow-local-files", action="store_true", help="read file:// URLs and local paths")
     serve.add_argument("--max-batch-size", type=int, default=32, help="sequences decoded together")
     serve.add_argument("--max-model-len", type=int, default=4096, help="prompt + answer tokens per sequence")
-    serve.add_argument("--max-image-bytes", type=int, default=20 * 1024 * 1024)
+    serve.add_argument("--max-image-bytes", type=int, default=20 * 1024 * 1024, help="bytes of one image file")
+    serve.add_argument("--max-images-per-request", type=int, default=16,
+                       help="image parts in one request (default: 16); the body limit grows with it")
+    serve.add_argument("--max-request-pixels", type=int, default=64_000_000,
+                       help="pixels of all images of one request together, read from their headers before decoding "
+                            "(default: 64000000)")
+    serve.add_argument("--max-pending-bytes", type=int, default=1 << 30,
+                       help="bytes of request bodies read and decoded at once; more gets 503 (default: 1 GiB)")
     serve.add_argument("--batch-window-ms", type=float, default=10.0,
                        help="how long an idle server waits for more requests to prefill together")
     serve.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
@@ -135,7 +142,9 @@ def _serve(args: argparse.Namespace) -> int:
     run(ServeOptions(model=args.model, host=args.host, port=args.port, api_key=args.api_key,
                      allow_remote_images=args.allow_remote_images, allow_local_files=args.allow_local_files,
                      max_batch_size=args.max_batch_size, max_model_len=args.max_model_len,
-                     max_image_bytes=args.max_image_bytes, served_model_name=args.served_model_name,
+                     max_image_bytes=args.max_image_bytes, max_images_per_request=args.max_images_per_request,
+                     max_request_pixels=args.max_request_pixels, max_pending_bytes=args.max_pending_bytes,
+                     served_model_name=args.served_model_name,
                      device=args.device, dtype=args.dtype, cuda_graphs=args.cuda_graphs, compile=args.compile,
                      batch_window_ms=args.batch_window_ms, think=args.think))
     return 0

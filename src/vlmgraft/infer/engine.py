@@ -76,6 +76,14 @@ class TokenEvent:
     new_ids: list[int]
 
 
+class PrefillError(RuntimeError):
+    """A prefill raised; its requests are back at the head of the queue as they were, to retry or to fail."""
+
+    def __init__(self, batch: list[Sequence], cause: Exception):
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.batch = batch
+
+
 class Engine:
     def __init__(self, model, tokenizer, config: EngineConfig | None = None, eos_token_ids: list[int] | None = None):
         self.config = cfg = config or EngineConfig()
@@ -105,6 +113,7 @@ class Engine:
             self._decode_fn = _compiled(self._decode_step, cfg.compile_dynamic)
         self.waiting: list[Sequence] = []
         self.running: dict[int, Sequence] = {}  # slot -> sequence
+        self.alone = 0  # prefills to run one request at a time (set after a batch's prefill failed)
         self._ids = itertools.count(1)
         self.stats = {"prefill_batches": 0, "max_prefill_batch": 0, "decode_steps": 0, "max_decode_batch": 0,
                       "generated_tokens": 0}
@@ -183,7 +192,7 @@ class Engine:
         free = [s for s in range(cfg.max_batch_size) if s not in self.running]
         batch: list[Sequence] = []
         for seq in list(self.waiting):
-            if len(batch) == len(free):
+            if len(batch) == (1 if self.alone else len(free)):
                 break
             trial = batch + [seq]
             length = self.padded_length(max(len(s.prompt_ids) for s in trial))
@@ -196,7 +205,14 @@ class Engine:
             self.waiting.remove(seq)
             seq.slot = slot
             self.running[slot] = seq
-        first = self._prefill(batch)
+        self.alone = max(0, self.alone - 1)
+        try:
+            first = self._prefill(batch)
+        except Exception as err:
+            for seq in batch:
+                del self.running[seq.slot]
+            self.waiting[:0] = batch
+            raise PrefillError(batch, err) from err
         self.stats["prefill_batches"] += 1
         self.stats["max_prefill_batch"] = max(self.stats["max_prefill_batch"], len(batch))
         return [ev for seq, token in zip(batch, first, strict=True) if (ev := self._accept(seq, [token]))]
@@ -219,8 +235,6 @@ class Engine:
             embeds = self.parts.embed(ids.to(dev, non_blocking=True))
             self._insert_image_features(embeds, ids, batch)
             buf["embeds"].copy_(embeds)
-        for seq in batch:  # the pixels are consumed: do not hold MBs per request until it finishes
-            seq.pixel_values = seq.pixel_attention_mask = None
         buf["start"].copy_(starts)
         buf["slots"].copy_(slots)
         params = _param_rows(batch, rows, self.parts.vocab_size)
@@ -244,8 +258,9 @@ class Engine:
         self.start.index_copy_(0, slot_ids, starts[:n].to(dev))
         for name in ("temperature", "top_p", "top_k", "seed"):
             getattr(self, name).index_copy_(0, slot_ids, params[name][:n].to(dev))
-        for seq in batch:
+        for seq in batch:  # the pixels are consumed (kept until here for a retry): do not hold them any longer
             seq.stored_until = length
+            seq.pixel_values = seq.pixel_attention_mask = None
         return buf["next"][:n].tolist()
 
     def _prefill_buffer(self, rows: int, length: int) -> dict[str, torch.Tensor]:

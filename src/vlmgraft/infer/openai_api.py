@@ -15,13 +15,18 @@ from vlmgraft.infer.sampling import SamplingParams
 
 ROLES = {"system", "developer", "user", "assistant", "tool"}
 MAX_STOP_STRINGS = 16
+# The template switches clients may set, with their type. Anything else reaches `apply_chat_template` too, where
+# `chat_template` replaces the template and `tokenize`, `add_generation_prompt`, `return_*` or `tools` change what
+# the prompt is, so other keys are refused.
+TEMPLATE_KWARGS = {"enable_thinking": bool, "thinking": bool, "reasoning_effort": str}
 
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+                 code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
 
     def body(self) -> dict:
         return error_body(self.message, self.type, self.param, self.code)
@@ -93,6 +98,18 @@ def _content_parts(content: Any, index: int) -> tuple[list[dict] | str | None, l
     return parts, urls
 
 
+def _check_template_kwargs(kwargs: dict) -> None:
+    allowed = ", ".join(sorted(TEMPLATE_KWARGS))
+    for key, value in kwargs.items():
+        where = f"chat_template_kwargs.{key}"
+        kind = TEMPLATE_KWARGS.get(key)
+        if kind is None:
+            raise _bad(f"chat_template_kwargs may not set {key!r}; this server accepts only {allowed}", where,
+                       "unsupported_parameter")
+        if not isinstance(value, kind):
+            raise _bad(f"{where} must be a {kind.__name__}, got {value!r}", where)
+
+
 def parse_chat_request(body: Any, defaults: SamplingParams) -> ChatRequest:
     if not isinstance(body, dict):
         raise _bad("the request body must be a JSON object", None)
@@ -142,6 +159,7 @@ def parse_chat_request(body: Any, defaults: SamplingParams) -> ChatRequest:
     if not isinstance(options, dict) or not isinstance(kwargs, dict):
         raise _bad("'stream_options' and 'chat_template_kwargs' must be objects",
                    "stream_options" if not isinstance(options, dict) else "chat_template_kwargs")
+    _check_template_kwargs(kwargs)
     temperature = _number(body, "temperature", 0.0, 2.0, defaults.temperature)
     top_p = _number(body, "top_p", 0.0, 1.0, defaults.top_p)
     params = SamplingParams(max_new_tokens=max_tokens or defaults.max_new_tokens, temperature=temperature,

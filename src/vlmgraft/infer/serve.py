@@ -8,6 +8,12 @@ from pathlib import Path
 
 from vlmgraft.errors import VlmgraftError
 from vlmgraft.infer.images import DEFAULT_MAX_IMAGE_BYTES, ImagePolicy
+from vlmgraft.infer.limits import (
+    DEFAULT_MAX_IMAGES,
+    DEFAULT_MAX_PENDING_BYTES,
+    DEFAULT_MAX_REQUEST_PIXELS,
+    RequestLimits,
+)
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +29,9 @@ class ServeOptions:
     max_batch_size: int = 32
     max_model_len: int = 4096
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    max_images_per_request: int = DEFAULT_MAX_IMAGES
+    max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS
+    max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES
     served_model_name: str | None = None
     device: str = "auto"
     dtype: str = "auto"
@@ -52,6 +61,8 @@ def build_app(options: ServeOptions, model=None, processor=None):
 
     if options.max_batch_size < 1 or options.max_model_len < 64:
         raise VlmgraftError("--max-batch-size must be >= 1 and --max-model-len >= 64")
+    if options.max_images_per_request < 0 or options.max_request_pixels < 1 or options.max_pending_bytes < 1:
+        raise VlmgraftError("--max-images-per-request must be >= 0, --max-request-pixels and --max-pending-bytes >= 1")
     if model is None:
         model, processor = load_for_inference(options.model, options.device, options.dtype)
     config = EngineConfig(max_batch_size=options.max_batch_size, max_seq_len=options.max_model_len,
@@ -76,7 +87,12 @@ def build_app(options: ServeOptions, model=None, processor=None):
                         api_key=options.api_key, defaults=sampling_defaults(model, 1024),
                         aliases=(options.model,), device=str(engine.device),
                         template_defaults={} if think is None else {"enable_thinking": think},
-                        max_body_bytes=16 * options.max_image_bytes * 4 // 3 + 2**20)  # 16 base64 images + text
+                        # every image as base64 at its byte limit, plus the text
+                        max_body_bytes=max(1, options.max_images_per_request) * options.max_image_bytes * 4 // 3
+                        + 2**20,
+                        limits=RequestLimits(max_images=options.max_images_per_request,
+                                             max_pixels=options.max_request_pixels,
+                                             max_pending_bytes=options.max_pending_bytes))
     return create_app(state)
 
 

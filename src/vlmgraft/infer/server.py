@@ -2,26 +2,30 @@
 
 Routes: POST /v1/chat/completions (plain or server-sent events), GET /v1/models, GET /health (with batching
 statistics). Every error, bad input or not, is answered in OpenAI's `{"error": {...}}` shape with a 4xx code for
-anything the client can fix; only a fault of the server itself is a 500.
+anything the client can fix; only a fault of the server itself is a 500. Image counts and pixels are refused
+before anything is decoded (`limits.py`), a client that hangs up frees its batch slot whether it streams or not, and
+/health answers 503 once the engine is out of service.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
-import secrets
 import time
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from vlmgraft.infer import openai_api as api
 from vlmgraft.infer.images import ImageError, ImagePolicy, load_image
+from vlmgraft.infer.limits import BodyBudget, PixelTally, RequestLimits, check_image_count, declared_size
 from vlmgraft.infer.prompts import ReasoningSplitter, prepare, split_reasoning
 from vlmgraft.infer.sampling import SamplingParams
 from vlmgraft.infer.worker import EngineWorker, StreamEvent
@@ -43,7 +47,12 @@ class ServerState:
     template_defaults: dict = field(default_factory=dict)
     device: str = "cpu"
     max_body_bytes: int = 64 * 1024 * 1024
+    limits: RequestLimits = field(default_factory=RequestLimits)
     started: float = field(default_factory=time.time)
+
+    def __post_init__(self):
+        self.bodies = BodyBudget(max(self.limits.max_pending_bytes, self.max_body_bytes))
+        self.decoding = asyncio.Semaphore(self.limits.max_decodes)  # binds to the loop that first waits on it
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -58,7 +67,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.exception_handler(api.ApiError)
     async def _api_error(request: Request, err: api.ApiError):
-        return JSONResponse(err.body(), status_code=err.status)
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, err: StarletteHTTPException):
@@ -69,6 +78,10 @@ def create_app(state: ServerState) -> FastAPI:
     async def _validation_error(request: Request, err: RequestValidationError):
         return JSONResponse(api.error_body(str(err.errors()[:3])), status_code=400)
 
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(request: Request, err: ClientDisconnect):
+        return Response(status_code=499)  # hung up while sending its body: nobody reads the answer
+
     @app.exception_handler(Exception)
     async def _server_error(request: Request, err: Exception):
         log.exception("unhandled error")
@@ -78,16 +91,19 @@ def create_app(state: ServerState) -> FastAPI:
     def authorize(request: Request) -> None:
         if state.api_key is None:
             return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), state.api_key):
+        if not bearer_matches(request.headers.get("authorization", ""), state.api_key):
             raise api.ApiError(401, "missing or invalid API key (send 'Authorization: Bearer <key>')",
                                "authentication_error", None, "invalid_api_key")
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": state.model_id, "device": state.device,
-                "uptime_s": round(time.time() - state.started, 1), "engine": state.worker.snapshot()}
+        fault = state.worker.fault()
+        body = {"status": "error" if fault else "ok", "model": state.model_id, "device": state.device,
+                "uptime_s": round(time.time() - state.started, 1), "engine": state.worker.snapshot(),
+                "pending_body_bytes": state.bodies.held}
+        if fault:  # an orchestrator restarts a server whose health check fails
+            return JSONResponse({**body, "reason": fault}, status_code=503)
+        return body
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -98,44 +114,85 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         authorize(request)
-        raw = await _read_body(request, state.max_body_bytes)
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise api.ApiError(400, f"the request body is not valid JSON: {err}") from err
-        chat = api.parse_chat_request(body, state.defaults)
-        if chat.model not in (state.model_id, *state.aliases):
-            raise api.ApiError(404, f"the model {chat.model!r} does not exist; this server serves "
-                                    f"{state.model_id!r}", param="model", code="model_not_found")
-        prepared = await asyncio.to_thread(_prepare, state, chat)
+        if fault := state.worker.fault():
+            raise api.ApiError(503, f"the engine is out of service ({fault}); the server needs a restart",
+                               "server_error", code="engine_unavailable")
+        with state.bodies.hold() as claim:  # released once the images are model inputs
+            chat, prepared = await _read_and_prepare(state, request, claim)
         _fit_length(state, chat, len(prepared.input_ids))
         return await _respond(state, chat, prepared, request)
 
     return app
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it is known to be over the limit (never read whole into memory)."""
+def bearer_matches(header: str, key: str) -> bool:
+    """Whether an Authorization header carries the key, compared in constant time as bytes (a non-ASCII token is
+    then a mismatch, not an error; headers arrive decoded as latin-1, so encoding back gives the bytes sent)."""
+    scheme, _, token = header.partition(" ")
+    sent = token.strip().encode("latin-1", "replace")
+    return hmac.compare_digest(sent, key.encode("utf-8")) and scheme.lower() == "bearer"
+
+
+async def _read_and_prepare(state: ServerState, request: Request, claim):
+    """Body → validated request → model inputs; the body and its images are dropped on return."""
+    raw = await _read_body(request, state.max_body_bytes, claim)
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise api.ApiError(400, f"the request body is not valid JSON: {err}") from err
+    chat = api.parse_chat_request(body, state.defaults)
+    if chat.model not in (state.model_id, *state.aliases):
+        raise api.ApiError(404, f"the model {chat.model!r} does not exist; this server serves "
+                                f"{state.model_id!r}", param="model", code="model_not_found")
+    check_image_count(chat.image_urls, state.limits)
+    tally, sizes = await asyncio.to_thread(_declared_pixels, state, chat)
+    async with state.decoding if chat.image_urls else nullcontext():
+        prepared = await asyncio.to_thread(_prepare, state, chat, tally, sizes)
+    chat.image_urls = []  # the data URLs are not needed while generating
+    return chat, prepared
+
+
+async def _read_body(request: Request, limit: int, claim) -> bytes:
+    """The body, refused with 413 as soon as it is known to be over the limit (never read whole into memory), and
+    with 503 when the bodies already held would pass the server's budget."""
     declared = request.headers.get("content-length", "")
+    declared = declared if declared.isascii() else ""
     too_big = api.ApiError(413, f"the request body is over the limit of {limit} bytes", code="request_too_large")
     if declared.isdigit() and int(declared) > limit:
         raise too_big
+    if declared.isdigit():
+        claim.grow(int(declared))
     chunks, total = [], 0
     async for piece in request.stream():
         total += len(piece)
         if total > limit:
             raise too_big
+        if total > claim.bytes:
+            claim.grow(total - claim.bytes)
         chunks.append(piece)
     return b"".join(chunks)
 
 
-def _prepare(state: ServerState, chat: api.ChatRequest):
+def _declared_pixels(state: ServerState, chat: api.ChatRequest) -> tuple[PixelTally, list]:
+    """Refuse the request if its data-URL images declare too many pixels, from their headers alone."""
+    tally = PixelTally(state.limits)
+    sizes = [declared_size(url, param) for url, param in chat.image_urls]
+    for size, (_, param) in zip(sizes, chat.image_urls, strict=True):
+        if size is not None:
+            tally.add(*size, param)
+    return tally, sizes
+
+
+def _prepare(state: ServerState, chat: api.ChatRequest, tally: PixelTally, sizes: list):
     images = []
-    for url, param in chat.image_urls:
+    for (url, param), size in zip(chat.image_urls, sizes, strict=True):
         try:
-            images.append(load_image(url, state.image_policy))
+            image = load_image(url, state.image_policy)
         except ImageError as err:
             raise api.ApiError(err.status, f"{param}: {err}", param=param, code=err.code) from err
+        if size is None:  # a file or remote image: its size is known once loaded (each under the per-image limit)
+            tally.add(image.width, image.height, param)
+        images.append(image)
     try:
         return prepare(state.processor, chat.conversation, images,
                        template_kwargs={**state.template_defaults, **chat.template_kwargs})
@@ -159,21 +216,27 @@ def _fit_length(state: ServerState, chat: api.ChatRequest, prompt_tokens: int) -
 
 async def _respond(state: ServerState, chat: api.ChatRequest, prepared, request: Request):
     loop = asyncio.get_running_loop()
-    events: asyncio.Queue[StreamEvent] = asyncio.Queue()
+    events: asyncio.Queue[StreamEvent | None] = asyncio.Queue()
     handle = state.worker.submit(prepared, chat.params, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
     completion_id = api.new_completion_id()
     prompt_tokens = len(prepared.input_ids)
     if not chat.stream:
         pieces = []
+        # A client that hangs up frees its slot, as a dropped stream does: the watcher wakes the loop below.
+        watcher = asyncio.create_task(_put_on_disconnect(request, events))
         try:
             while True:
                 event = await events.get()
+                if event is None:
+                    log.info("client disconnected: generation cancelled")
+                    return Response(status_code=499)  # nobody reads it (nginx's "client closed request")
                 pieces.append(event.delta)
                 if event.error:
                     raise api.ApiError(500, f"generation failed: {event.error}", "server_error")
                 if event.finish_reason:
                     break
         finally:
+            watcher.cancel()
             if not handle.done:
                 state.worker.cancel(handle)
         answer, reasoning = split_reasoning("".join(pieces), prepared.opens_thinking)
@@ -182,10 +245,13 @@ async def _respond(state: ServerState, chat: api.ChatRequest, prepared, request:
 
     async def sse():
         splitter = ReasoningSplitter(prepared.opens_thinking)
+        watcher = asyncio.create_task(_put_on_disconnect(request, events))
         try:
             yield _sse(api.chunk(completion_id, chat.model, {"role": "assistant", "content": ""}))
             while True:
                 event = await events.get()
+                if event is None:  # the client hung up
+                    return
                 if event.error:
                     yield _sse(api.error_body(f"generation failed: {event.error}", "server_error"))
                     break
@@ -202,11 +268,19 @@ async def _respond(state: ServerState, chat: api.ChatRequest, prepared, request:
                     break
             yield "data: [DONE]\n\n"
         finally:  # client went away or we are done: free the slot either way
+            watcher.cancel()
             if not handle.done:
                 state.worker.cancel(handle)
 
     return StreamingResponse(sse(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _put_on_disconnect(request: Request, events: asyncio.Queue) -> None:
+    """Put None on the queue when the client closes the connection (the body is read: only that can arrive)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    events.put_nowait(None)
 
 
 def _sse(payload: dict) -> str:

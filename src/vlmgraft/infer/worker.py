@@ -3,6 +3,11 @@
 Callers (the server's event loop) `submit` a prepared prompt with a callback; the worker owns the engine, so every
 engine call happens on this one thread. When idle, the first arrival opens a short batching window so requests that
 arrive together are prefilled together; while decoding, new arrivals join at the next chunk boundary.
+
+A failing step fails as few requests as it can: a prefill batch that raises (one prompt too large for the memory left)
+is retried one request at a time, and a failing decode chunk fails the running requests but not the queued ones. A
+CUDA error other than out-of-memory, or several failed steps in a row, marks the worker faulty: `fault()` says why,
+and the server's /health reports it so that an orchestrator restarts the process.
 """
 
 from __future__ import annotations
@@ -14,12 +19,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from vlmgraft.infer.engine import Engine, Sequence
+import torch
+
+from vlmgraft.infer.engine import Engine, PrefillError, Sequence
 from vlmgraft.infer.prompts import PreparedPrompt
 from vlmgraft.infer.sampling import SamplingParams
 from vlmgraft.infer.textstream import TextStream
 
 log = logging.getLogger(__name__)
+
+MAX_FAILED_STEPS = 3  # failed steps in a row, with no step succeeding between them, that mark the engine faulty
 
 
 @dataclass
@@ -47,6 +56,8 @@ class EngineWorker:
         self._requests: dict[int, Request] = {}
         self._thread = threading.Thread(target=self._run, name="vlmgraft-engine", daemon=True)
         self._stopping = False
+        self._fault: str | None = None
+        self._failed_steps = 0
         self.stats = {"requests": 0, "errors": 0}
 
     # ------------------------------------------------------------------ any thread
@@ -67,6 +78,12 @@ class EngineWorker:
 
     def cancel(self, request: Request) -> None:
         self._inbox.put(("cancel", request))
+
+    def fault(self) -> str | None:
+        """Why this worker can no longer serve (a broken device, repeated failures, a dead thread), else None."""
+        if self._fault is None and not self._stopping and not self._thread.is_alive() and self._thread.ident:
+            return "the engine thread has stopped"
+        return self._fault
 
     def snapshot(self) -> dict:
         engine = self.engine
@@ -90,9 +107,42 @@ class EngineWorker:
                     break
                 if self.engine.has_work():
                     self._dispatch(self.engine.step())
-            except Exception as err:  # keep serving: fail what was in flight, report it, carry on
+            except PrefillError as err:
+                self._prefill_failed(err)
+            except Exception as err:  # keep serving: fail the running requests (queued ones were not in the step)
                 log.exception("engine step failed")
-                self._fail_all(f"{type(err).__name__}: {err}")
+                running = set(self.engine.running.values())
+                self._step_failed(err, [r for r in self._requests.values() if r.sequence in running])
+
+    def _prefill_failed(self, err: PrefillError) -> None:
+        cause = err.__cause__
+        if len(err.batch) > 1 and not is_device_fault(cause):
+            log.warning("a prefill of %d requests failed (%s); retrying them one at a time", len(err.batch), err)
+            self.engine.alone = len(err.batch)
+            _release_cached_memory()
+            return
+        log.error("the prefill of a request failed", exc_info=cause)
+        self._step_failed(cause, [self._requests[seq.id] for seq in err.batch if seq.id in self._requests])
+
+    def _step_failed(self, err: BaseException, failed: list[Request]) -> None:
+        """Fail the requests of a step that raised; all of them, and the worker for good, if the device broke."""
+        message = f"{type(err).__name__}: {err}"
+        self._failed_steps += 1
+        if is_device_fault(err):
+            self._fault = f"device error: {message}"
+        elif self._failed_steps >= MAX_FAILED_STEPS:
+            self._fault = f"{self._failed_steps} engine steps failed in a row, the last with {message}"
+        if self._fault:
+            log.error("engine out of service: %s", self._fault)
+            failed = list(self._requests.values())
+        for request in failed:
+            self.engine.cancel(request.sequence)
+            self._requests.pop(request.sequence.id, None)
+            self._finish(request, StreamEvent(error=message))
+        if self._fault:
+            self.engine.waiting.clear()
+            self.engine.running.clear()
+        _release_cached_memory()
 
     def _drain(self) -> None:
         while True:
@@ -108,6 +158,9 @@ class EngineWorker:
         elif kind == "add":
             self.stats["requests"] += 1
             p = request.prepared
+            if self._fault:
+                self._finish(request, StreamEvent(error=f"the engine is out of service: {self._fault}"))
+                return
             try:
                 request.sequence = self.engine.add(p.input_ids, request.params, p.pixel_values, p.pixel_attention_mask)
             except ValueError as err:
@@ -120,6 +173,8 @@ class EngineWorker:
             request.done = True
 
     def _dispatch(self, events) -> None:
+        if events:
+            self._failed_steps = 0
         for event in events:
             request = self._requests.get(event.sequence.id)
             if request is None:
@@ -143,11 +198,19 @@ class EngineWorker:
             self.stats["errors"] += 1
         request.on_event(event)
 
-    def _fail_all(self, message: str) -> None:
-        for request in list(self._requests.values()):
-            if request.sequence is not None:
-                self.engine.cancel(request.sequence)
-            self._finish(request, StreamEvent(error=message))
-        self._requests.clear()
-        self.engine.waiting.clear()
-        self.engine.running.clear()
+
+
+def is_device_fault(err: BaseException | None) -> bool:
+    """A CUDA error other than running out of memory: the context is unusable and every later step fails too."""
+    text = str(err)
+    if isinstance(err, torch.OutOfMemoryError) or "out of memory" in text:
+        return False
+    if isinstance(err, getattr(torch, "AcceleratorError", ())):
+        return True
+    return isinstance(err, RuntimeError) and any(
+        mark in text for mark in ("CUDA error", "CUBLAS_STATUS_", "CUDNN_STATUS_", "device-side assert"))
+
+
+def _release_cached_memory() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
