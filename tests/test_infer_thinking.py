@@ -15,6 +15,7 @@ from vlmgraft.data.shapes import ShapesWorld
 from vlmgraft.export.merge import MergeOptions, merge
 from vlmgraft.infer import openai_api as api
 from vlmgraft.infer.chat import ChatOptions, ChatSession
+from vlmgraft.infer.limits import PixelTally
 from vlmgraft.infer.prompts import prepare, recorded_thinking
 from vlmgraft.infer.serve import ServeOptions, build_app
 from vlmgraft.infer.server import _prepare
@@ -85,7 +86,7 @@ def test_serve_defaults_to_the_recorded_switch_and_requests_override(loaded, tra
     for kwargs, expected in (({}, False), ({"enable_thinking": True}, True)):
         body = {"model": state.model_id, "messages": conversation, "chat_template_kwargs": kwargs}
         chat = api.parse_chat_request(body, state.defaults)
-        assert _prepare(state, chat).input_ids == prepare(processor, conversation, [], expected).input_ids
+        assert _prepare(state, chat, PixelTally(state.limits), []).input_ids == prepare(processor, conversation, [], expected).input_ids
     explicit = build_app(ServeOptions(model=str(trained), device="cpu", max_batch_size=2, max_model_len=256,
                                       think=True), model, processor)
     assert explicit.state.vlmgraft.template_defaults == {"enable_thinking": True}

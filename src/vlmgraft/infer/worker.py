@@ -112,7 +112,10 @@ class EngineWorker:
             except Exception as err:  # keep serving: fail the running requests (queued ones were not in the step)
                 log.exception("engine step failed")
                 running = set(self.engine.running.values())
-                self._step_failed(err, [r for r in self._requests.values() if r.sequence in running])
+                # With nothing running, the step could only have been starting the queued requests: they are at fault,
+                # and leaving them queued would just repeat the failure until the worker gives up.
+                self._step_failed(err, [r for r in self._requests.values() if r.sequence in running]
+                                  or list(self._requests.values()))
 
     def _prefill_failed(self, err: PrefillError) -> None:
         cause = err.__cause__
