@@ -10,8 +10,12 @@ Preference rows, in any of three layouts (detected per row):
 
 Every row becomes `{"prompt": messages, "chosen": [assistant turn], "rejected": [assistant turn], "images": refs,
 "origin": "file:line"}` with user image parts as bare `{"type": "image"}` and the refs, in order, in `images`
-(relative paths resolved against the data file). Bad rows are skipped and counted in a Tally with their file:line.
-Images are decoded later, in the collator, like every other stage does.
+(relative paths resolved against the data file).
+
+GRPO rows: ms-swift's `messages` ending with the user's turn, or TRL's `prompt` (message list or string), with
+`image` / `images`; every other column (`solution`, `answer`, ...) is kept for the reward functions.
+
+Bad rows are skipped and counted in a Tally with their file:line. Images are decoded later, when a batch is built.
 """
 
 from __future__ import annotations
@@ -181,3 +185,42 @@ def as_dataset(rows: list[dict]):
 
     return Dataset.from_dict({"row": [json.dumps(r, ensure_ascii=False) for r in rows],
                               "images": [list(r["images"]) for r in rows]})
+
+
+def _missing_file(ref) -> str | None:
+    if isinstance(ref, str) and not ref.startswith(("data:", "http://", "https://", "file://")) and \
+            not Path(ref).is_file():
+        return ref
+    return None
+
+
+def parse_prompt_row(row: dict, origin: str, base_dir: Path) -> dict:
+    """A GRPO row → {"prompt": messages ending with the user's turn, "images": refs, "origin", **other columns}."""
+    if isinstance(row.get("messages"), list):
+        prompt, key = row["messages"], "messages"
+    elif row.get("prompt") is not None:
+        prompt, key = row["prompt"], "prompt"
+    else:
+        raise RowRejected(origin, f"a GRPO row needs 'messages' (ms-swift) or 'prompt' (TRL) (keys found: "
+                                  f"{sorted(row)})")
+    messages, refs = parse_prompt(prompt, _images_column(row, origin), origin, base_dir)
+    if messages[-1]["role"] != "user":
+        raise RowRejected(origin, f"'{key}' ends with a {messages[-1]['role']!r} turn; a GRPO prompt ends with the "
+                                  f"user's turn (the model writes the answer)")
+    missing = next((m for m in map(_missing_file, refs) if m), None)
+    if missing:
+        raise RowRejected(origin, f"image missing: {missing}")
+    extra = {k: v for k, v in row.items() if k not in (key, "images", "image")}
+    return {**extra, "prompt": messages, "images": refs, "origin": origin}
+
+
+def read_prompts(path: str | Path, skips: Tally | None = None) -> tuple[list[dict], Tally]:
+    rows, skips = read_rows(path, parse_prompt_row, skips, "GRPO row")
+    with_images = sum(1 for r in rows if r["images"])
+    if 0 < with_images < len(rows):
+        example = next(r["origin"] for r in rows if not r["images"])
+        raise VlmgraftError(f"{path}: {with_images} rows have images and {len(rows) - with_images} are text-only "
+                            f"(e.g. {example}); TRL's GRPOTrainer cannot batch the two together (the processor "
+                            f"fails on a batch where some prompts have no image). Train them as separate runs, or "
+                            f"give every row an image.")
+    return rows, skips
