@@ -86,3 +86,25 @@ def test_chord_run_logs_mu_and_both_losses_and_trains(tiny_graft, tmp_path):
     assert log["chord/sft_loss"] > 0 and "chord/grpo_loss" in log
     weights = load_file(result.final_dir / "adapter_model.safetensors")
     assert any("lora_B" in k and w.abs().sum() > 0 for k, w in weights.items())
+
+
+def test_post_training_examples_make_valid_trl_configs():
+    from pathlib import Path
+
+    from trl import DPOConfig, GRPOConfig
+
+    from vlmgraft.train.config import load_config
+    from vlmgraft.train.rl.common import trl_config
+    from vlmgraft.train.rl.grpo import OWN_KEYS
+
+    folder = Path(__file__).parents[1] / "examples" / "qwen3-smvl"
+    dpo = load_config(folder / "dpo.yaml")
+    args = trl_config(DPOConfig, dpo, "dpo", False, max_length=None)
+    assert dpo.lora.use_dora and dpo.quantize_4bit and (dpo.lora.r, dpo.lora.alpha, dpo.lora.dropout) == (8, 8, 0.1)
+    assert args.per_device_train_batch_size * args.gradient_accumulation_steps == 32
+    for name in ("grpo", "chord"):
+        config = load_config(folder / f"{name}.yaml")
+        grpo = trl_config(GRPOConfig, config, "grpo", False, OWN_KEYS)
+        assert grpo.generation_batch_size % grpo.num_generations == 0 and config.grpo["rewards"] == ["format", "iou"]
+    chord = ChordSettings.from_config(load_config(folder / "chord.yaml"))
+    assert (chord.mu_peak, chord.mu_valley, chord.mu_decay_steps) == (0.9, 0.05, 200)

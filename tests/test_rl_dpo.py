@@ -193,3 +193,26 @@ def test_a_batch_mixing_image_and_text_only_pairs_runs_through_the_model(tiny_gr
     with torch.no_grad():
         logits = model(**inputs).logits
     assert logits.shape[:2] == batch["input_ids"].shape and torch.isfinite(logits).all()
+
+
+def test_a_killed_dpo_run_resumes_from_its_checkpoint(tiny_graft, pref_dir, tmp_path):
+    from transformers import TrainerCallback
+
+    from vlmgraft.train.run import train
+
+    class StopAfterSave(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            raise KeyboardInterrupt("simulated kill")
+
+    data = _write(pref_dir / "resume.jsonl", _trl_rows(4))
+    config = TrainConfig(model=str(tiny_graft), data=str(data), output_dir=str(tmp_path / "run"), stage="dpo",
+                         report_to=["none"], max_steps=2, save_steps=1, logging_steps=1,
+                         per_device_train_batch_size=2, seed=3)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, callbacks=(StopAfterSave(),), echo=lambda *_: None)
+    assert (tmp_path / "run" / "checkpoint-1").is_dir() and not (tmp_path / "run" / "final").exists()
+    messages = []
+    train(config, echo=messages.append)
+    assert any("resuming from" in m and "checkpoint-1" in m for m in messages)
+    state = json.loads((tmp_path / "run" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2 and (tmp_path / "run" / "final" / "adapter_model.safetensors").exists()
