@@ -42,6 +42,8 @@ def run_post_training(config: TrainConfig, force: bool = False, callbacks: tuple
 
     if config.stage not in STAGES:
         raise VlmgraftError(f"stage {config.stage!r} is not a post-training stage ({', '.join(STAGES)})")
+    # Post-training batches are padded rows, never packed: SDPA, not the flex attention of packed runs on CUDA.
+    config.data_settings.packing = False
     resume_from = _resolve_output(config, force)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -61,6 +63,9 @@ def run_post_training(config: TrainConfig, force: bool = False, callbacks: tuple
                                                    [CheckpointMetadata(meta), *callbacks])
     if skips:
         echo(f"data: {skips.total()} row(s) skipped\n{skips.report()}")
+    if config.eval_data and config.stage != "dpo":
+        echo(f"note: eval_data is not used by stage {config.stage} (no evaluation during GRPO rollouts); evaluate "
+             f"the result with `vlmgraft eval`")
     if resume_from:
         echo(f"resuming from {resume_from}")
     result = trainer.train(resume_from_checkpoint=resume_from)
