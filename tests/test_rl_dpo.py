@@ -147,7 +147,7 @@ def test_dpo_section_keys_are_checked_and_cli_values_coerced(tmp_path):
         trl_config(DPOConfig, config, "dpo", False)
 
 
-def test_dpo_run_trains_lora_and_connector_only_and_merges(tiny_graft, pref_dir, tmp_path):
+def test_dpo_run_trains_lora_and_connector_only_merges_and_evaluates(tiny_graft, pref_dir, tmp_path):
     from vlmgraft.export.merge import MergeOptions, merge
     from vlmgraft.train.run import train
 
@@ -178,6 +178,13 @@ def test_dpo_run_trains_lora_and_connector_only_and_merges(tiny_graft, pref_dir,
     for key, value in base.items():  # the vision tower is exactly the graft's
         if "vision_model" in key:
             assert torch.equal(merged[key].float(), value.float()), key
+    from vlmgraft.cli import main
+
+    vqa = _write(pref_dir / "vqa.jsonl", [{"messages": r["prompt"] + [{"role": "assistant", "content": r["chosen"]}]}
+                                          for r in _trl_rows(2)])
+    assert main(["eval", str(tmp_path / "run"), "--data", str(vqa), "--tasks", "vqa", "--limit", "2",
+                 "--max-new-tokens", "4", "--device", "cpu", "--out", str(tmp_path / "eval")]) == 0
+    assert (tmp_path / "eval" / "results.json").exists()
 
 
 def test_a_batch_mixing_image_and_text_only_pairs_runs_through_the_model(tiny_graft, pref_dir):
