@@ -2,8 +2,8 @@
 
 All of it derives from the donor family's module groups (`vlmgraft.graft.families`), so a stage means the same
 thing for every donor: `align` trains the connector only, `align-head` adds the LM head, `finetune` trains the last
-N vision layers + post-layernorm + connector with LoRA/DoRA on the LLM, `full` trains everything; the post-training stages `dpo`, `grpo` and `chord` train the connector with LoRA/DoRA on
-the LLM.
+N vision layers + post-layernorm + connector with LoRA/DoRA on the LLM, `full` trains everything; the post-training
+stages `dpo`, `grpo` and `chord` train the connector with LoRA/DoRA on the LLM.
 """
 
 from __future__ import annotations
