@@ -210,6 +210,6 @@ def test_shipped_example_configs_load():
     from pathlib import Path
 
     examples = sorted((Path(__file__).parents[1] / "examples" / "qwen3-smvl").glob("*.yaml"))
-    assert len(examples) == 3
+    assert len(examples) == 6
     stages = {load_config(path).stage for path in examples}
-    assert stages == {"align", "finetune"}
+    assert stages == {"align", "finetune", "dpo", "grpo", "chord"}

@@ -7,7 +7,7 @@ import argparse
 
 def register(sub) -> None:
     cmd = sub.add_parser(
-        "train", help="train a graft in stages (align, align-head, finetune, full)",
+        "train", help="train a graft in stages (align, align-head, finetune, full; post-training: dpo, grpo, chord)",
         description="Train from a YAML config; any `--key value` after it overrides that key (dotted for nested "
                     "keys: --lora.r 32, --data-settings.packing false). An interrupted run resumes from its newest "
                     "checkpoint when started again with the same output_dir.")

@@ -64,7 +64,7 @@ class TrainConfig:
     model: str = ""  # a graft folder from `vlmgraft build` (or a merged earlier stage)
     data: str = ""  # a data SPEC (see `vlmgraft data --help`)
     output_dir: str = "runs/vlmgraft"
-    stage: str = "align"  # align | align-head | finetune | full
+    stage: str = "align"  # align | align-head | finetune | full | dpo | grpo | chord
     eval_data: str | None = None
     # Which module groups train; empty means the stage's preset.
     train_groups: list[str] = field(default_factory=list)
@@ -110,6 +110,11 @@ class TrainConfig:
     deepspeed: str | None = None
     fsdp: str = ""
     fsdp_config: str | None = None
+    # Post-training stages (vlmgraft.train.rl): any DPOConfig / GRPOConfig field, plus `rewards` for grpo and chord
+    # and CHORD's own settings (sft_data, mu_peak, mu_valley, mu_warmup_steps, mu_decay_steps, phi).
+    dpo: dict = field(default_factory=dict)
+    grpo: dict = field(default_factory=dict)
+    chord: dict = field(default_factory=dict)
 
 
 def _coerce(value, annotation, key: str):
@@ -155,6 +160,10 @@ def _apply(obj, mapping: dict, prefix: str = "") -> None:
             if not isinstance(value, dict):
                 raise VlmgraftError(f"config key {dotted!r} must be a mapping")
             _apply(current, value, dotted + ".")
+        elif isinstance(current, dict):  # free-form settings (dpo, grpo, chord): keys merge, checked where used
+            if not isinstance(value, dict):
+                raise VlmgraftError(f"config key {dotted!r} must be a mapping")
+            setattr(obj, key, {**current, **{str(k).replace("-", "_"): v for k, v in value.items()}})
         else:
             setattr(obj, key, _coerce(value, hints[key], dotted))
 

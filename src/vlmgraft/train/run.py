@@ -185,6 +185,10 @@ def loader_workers(value, cuda: bool, cores: int | None = None) -> int:
 
 
 def train(config: TrainConfig, force: bool = False, callbacks: tuple = (), echo=print) -> TrainResult:
+    if config.stage in ("dpo", "grpo", "chord"):  # post-training on TRL's trainers
+        from vlmgraft.train.rl.runner import run_post_training
+
+        return run_post_training(config, force, callbacks, echo)
     resume_from = _resolve_output(config, force)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)

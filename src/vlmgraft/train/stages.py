@@ -2,7 +2,8 @@
 
 All of it derives from the donor family's module groups (`vlmgraft.graft.families`), so a stage means the same
 thing for every donor: `align` trains the connector only, `align-head` adds the LM head, `finetune` trains the last
-N vision layers + post-layernorm + connector with LoRA/DoRA on the LLM, `full` trains everything.
+N vision layers + post-layernorm + connector with LoRA/DoRA on the LLM, `full` trains everything; the post-training
+stages `dpo`, `grpo` and `chord` train the connector with LoRA/DoRA on the LLM.
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ PRESETS = {
     "align-head": StagePreset(frozenset({"connector", "lm_head"})),
     "finetune": StagePreset(frozenset({"connector"}), vision_layers=4, lora=True),
     "full": StagePreset(frozenset(GROUPS)),
+    # Post-training (vlmgraft.train.rl): the connector + LoRA/DoRA on the LLM, the vision tower frozen.
+    "dpo": StagePreset(frozenset({"connector"}), lora=True),
+    "grpo": StagePreset(frozenset({"connector"}), lora=True),
+    "chord": StagePreset(frozenset({"connector"}), lora=True),
 }
 
 
