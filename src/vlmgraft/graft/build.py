@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from transformers import (
     AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
     AutoProcessor,
@@ -21,9 +23,10 @@ from transformers import (
 
 from vlmgraft import hub
 from vlmgraft.errors import VlmgraftError
+from vlmgraft.graft import llava
 from vlmgraft.graft.audit import AuditReport, run_audit
-from vlmgraft.graft.families import family_for
-from vlmgraft.graft.surgery import build_graft, plan_ledger
+from vlmgraft.graft.families import LLAVA, donor_family_for
+from vlmgraft.graft.surgery import build_graft, graft_config, plan_ledger, smolvlm_connector_init, vocab_size_for
 from vlmgraft.graft.template import extend_chat_template
 from vlmgraft.graft.tokens import choose_vision_tokens
 
@@ -60,10 +63,15 @@ def _dtype(name: str) -> torch.dtype:
 
 
 def load_sources(vision: str, llm: str):
+    """(family, donor in fp32, its processor — the image processor alone for SigLIP/CLIP —, LLM in fp32)."""
     donor_config = hub.load(AutoConfig.from_pretrained, vision, "vision donor")
-    family = family_for(donor_config.model_type)
-    donor = hub.load(AutoModelForImageTextToText.from_pretrained, vision, "vision donor", dtype=torch.float32)
-    donor_processor = hub.load(AutoProcessor.from_pretrained, vision, "vision donor's processor")
+    family = donor_family_for(donor_config.model_type)
+    if family is LLAVA:  # a dual encoder or a vision tower: no VLM head class, and its text tokenizer is not needed
+        donor = hub.load(AutoModel.from_pretrained, vision, "vision donor", dtype=torch.float32)
+        donor_processor = hub.load(AutoImageProcessor.from_pretrained, vision, "vision donor's image processor")
+    else:
+        donor = hub.load(AutoModelForImageTextToText.from_pretrained, vision, "vision donor", dtype=torch.float32)
+        donor_processor = hub.load(AutoProcessor.from_pretrained, vision, "vision donor's processor")
     llm_model = hub.load(AutoModelForCausalLM.from_pretrained, llm, "LLM", dtype=torch.float32)
     return family, donor, donor_processor, llm_model
 
@@ -87,7 +95,31 @@ def make_processor(llm: str, donor_processor, donor_config, image_token: str | N
     processor = SmolVLMProcessor(image_processor=donor_processor.image_processor,
                                  video_processor=donor_processor.video_processor, tokenizer=tokenizer,
                                  image_seq_len=image_seq_len, chat_template=template)
-    return processor, tokens, new_ids, len(original)
+    return processor, tokens.as_dict(), new_ids, len(original)
+
+
+def _graft_parts(family, opts: BuildOptions, donor, donor_processor, llm):
+    """The family's processor, outer config and connector init: (processor, tokens, new_ids, original_len, config,
+    init)."""
+    if family is LLAVA:
+        processor, tokens, new_ids, original_len = llava.make_processor(opts.llm, donor_processor, donor.config,
+                                                                        opts.image_token)
+    else:
+        processor, tokens, new_ids, original_len = make_processor(opts.llm, donor_processor, donor.config,
+                                                                  opts.image_token)
+    image_token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    vocab = vocab_size_for(llm, len(processor.tokenizer))
+    if family is LLAVA:
+        config = llava.llava_config(donor.config, llm.config, image_token_id, vocab)
+        init = llava.projector_init(llava.feature_rms(donor, donor_processor, config, opts.seed))
+    else:
+        config, init = graft_config(donor.config, llm.config, image_token_id, vocab), smolvlm_connector_init
+    return processor, tokens, new_ids, original_len, config, init
+
+
+def image_seq_len(graft, processor) -> int:
+    """Image tokens per image (SmolVLM: per tile), as the saved config and processor define it."""
+    return processor.image_seq_len if hasattr(processor, "image_seq_len") else graft.config.image_seq_length
 
 
 def _audit_device(name: str) -> torch.device:
@@ -109,12 +141,11 @@ def build(opts: BuildOptions, log=print) -> AuditReport:
     dtype = _dtype(opts.dtype)
     guard_output(out, opts.force)
     family, donor, donor_processor, llm = load_sources(opts.vision, opts.llm)
-    processor, tokens, new_ids, original_len = make_processor(opts.llm, donor_processor, donor.config,
-                                                              opts.image_token)
-    log(f"donor family {family.name}; image placeholder {tokens.image_token!r}"
+    processor, tokens, new_ids, original_len, config, init = _graft_parts(family, opts, donor, donor_processor, llm)
+    log(f"donor {donor.config.model_type} → {family.export_architecture}; image placeholder {processor.image_token!r}"
         + (f"; added tokens {new_ids} (rows set to the mean embedding)" if new_ids else "; no tokens added"))
-    image_token_id = processor.tokenizer.convert_tokens_to_ids(tokens.image_token)
-    graft, ledger = build_graft(family, donor, llm, image_token_id, new_ids, len(processor.tokenizer), opts.seed)
+    image_token_id = config.image_token_id
+    graft, ledger = build_graft(family, donor, llm, config, new_ids, len(processor.tokenizer), opts.seed, init)
     compare = [i for i in range(original_len) if i not in set(new_ids)]
     device = _audit_device(opts.device)
     graft.to(device)
@@ -123,9 +154,13 @@ def build(opts: BuildOptions, log=print) -> AuditReport:
     log("audit:\n" + report.table())
     out.mkdir(parents=True, exist_ok=True)
     summary = {
-        "vision": opts.vision, "llm": opts.llm, "family": family.name, "dtype": opts.dtype,
-        "tokens": tokens.as_dict(), "image_token_id": image_token_id, "added_token_ids": new_ids,
-        "image_seq_len": processor.image_seq_len, "tile_markers": "plain text (see vlmgraft.graft.tokens)",
+        "vision": opts.vision, "llm": opts.llm, "family": family.name, "donor_model_type": donor.config.model_type,
+        "architecture": family.export_architecture, "dtype": opts.dtype,
+        "tokens": tokens, "image_token_id": image_token_id, "added_token_ids": new_ids,
+        "image_seq_len": image_seq_len(graft, processor),
+        **({"tile_markers": "plain text (see vlmgraft.graft.tokens)"} if family is not LLAVA else
+           {"vision_feature_select_strategy": config.vision_feature_select_strategy,
+            "vision_feature_layer": config.vision_feature_layer}),
         "parameters": {"total": sum(p.numel() for p in graft.parameters()),
                        "vision": sum(p.numel() for p in graft.get_submodule(family.vision).parameters()),
                        "connector": sum(p.numel() for p in graft.get_submodule(family.connector).parameters())},

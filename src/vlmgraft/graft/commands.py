@@ -7,7 +7,8 @@ from pathlib import Path
 
 def register(sub) -> None:
     build = sub.add_parser("build", help="graft a VLM's vision tower onto a causal LM, audit it, save it")
-    build.add_argument("--vision", required=True, help="donor VLM: hub id or local folder (SmolVLM2 family)")
+    build.add_argument("--vision", required=True, help="vision donor: hub id or local folder (a SmolVLM2-family VLM, or a "
+                       "SigLIP/CLIP encoder, dual or vision-only, exported as LLaVA)")
     build.add_argument("--llm", required=True, help="causal LM: hub id or local folder")
     build.add_argument("--out", required=True, type=Path, help="output folder (never overwritten without --force)")
     build.add_argument("--dtype", default="bfloat16", help="dtype of the saved weights (bfloat16, float16, float32)")
