@@ -26,6 +26,7 @@ from vlmgraft.errors import VlmgraftError
 from vlmgraft.graft import llava
 from vlmgraft.graft.audit import AuditReport, run_audit
 from vlmgraft.graft.families import LLAVA, donor_family_for
+from vlmgraft.graft.naflex import NAFLEX_TYPES, convert_naflex
 from vlmgraft.graft.surgery import build_graft, graft_config, plan_ledger, smolvlm_connector_init, vocab_size_for
 from vlmgraft.graft.template import extend_chat_template
 from vlmgraft.graft.tokens import choose_vision_tokens
@@ -45,6 +46,7 @@ class BuildOptions:
     image_token: str | None = None
     seed: int = 0
     device: str = "auto"  # where the audit's forward passes run: auto = CUDA when available
+    image_size: int | None = None  # SigLIP2 NaFlex donors: the fixed resolution to convert to (None: native grid)
 
 
 def guard_output(out: Path, force: bool) -> None:
@@ -62,18 +64,26 @@ def _dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def load_sources(vision: str, llm: str):
-    """(family, donor in fp32, its processor — the image processor alone for SigLIP/CLIP —, LLM in fp32)."""
+def load_sources(vision: str, llm: str, image_size: int | None = None):
+    """(family, donor in fp32, its processor — the image processor alone for SigLIP/CLIP —, LLM in fp32, the NaFlex
+    conversion report or None). A SigLIP2 NaFlex donor comes back converted to the fixed-resolution SigLIP layout."""
     donor_config = hub.load(AutoConfig.from_pretrained, vision, "vision donor")
     family = donor_family_for(donor_config.model_type)
+    naflex = donor_config.model_type in NAFLEX_TYPES
+    if image_size is not None and not naflex:
+        raise VlmgraftError(f"--image-size is for SigLIP2 NaFlex donors; {vision!r} is a fixed-resolution "
+                            f"{donor_config.model_type!r} donor")
+    conversion = None
     if family is LLAVA:  # a dual encoder or a vision tower: no VLM head class, and its text tokenizer is not needed
         donor = hub.load(AutoModel.from_pretrained, vision, "vision donor", dtype=torch.float32)
         donor_processor = hub.load(AutoImageProcessor.from_pretrained, vision, "vision donor's image processor")
+        if naflex:
+            donor, donor_processor, conversion = convert_naflex(donor, donor_processor, image_size)
     else:
         donor = hub.load(AutoModelForImageTextToText.from_pretrained, vision, "vision donor", dtype=torch.float32)
         donor_processor = hub.load(AutoProcessor.from_pretrained, vision, "vision donor's processor")
     llm_model = hub.load(AutoModelForCausalLM.from_pretrained, llm, "LLM", dtype=torch.float32)
-    return family, donor, donor_processor, llm_model
+    return family, donor, donor_processor, llm_model, conversion
 
 
 def make_processor(llm: str, donor_processor, donor_config, image_token: str | None):
@@ -140,7 +150,10 @@ def build(opts: BuildOptions, log=print) -> AuditReport:
     out = Path(opts.out)
     dtype = _dtype(opts.dtype)
     guard_output(out, opts.force)
-    family, donor, donor_processor, llm = load_sources(opts.vision, opts.llm)
+    family, donor, donor_processor, llm, conversion = load_sources(opts.vision, opts.llm, opts.image_size)
+    if conversion:
+        log(f"SigLIP2 NaFlex donor converted to fixed-resolution SigLIP at {conversion['image_size']} px "
+            f"(max |Δ|/RMS vs Siglip2VisionModel {conversion['max_rel_diff_vs_siglip2']:.1e})")
     processor, tokens, new_ids, original_len, config, init = _graft_parts(family, opts, donor, donor_processor, llm)
     log(f"donor {donor.config.model_type} → {family.export_architecture}; image placeholder {processor.image_token!r}"
         + (f"; added tokens {new_ids} (rows set to the mean embedding)" if new_ids else "; no tokens added"))
@@ -161,6 +174,7 @@ def build(opts: BuildOptions, log=print) -> AuditReport:
         **({"tile_markers": "plain text (see vlmgraft.graft.tokens)"} if family is not LLAVA else
            {"vision_feature_select_strategy": config.vision_feature_select_strategy,
             "vision_feature_layer": config.vision_feature_layer}),
+        **({"naflex_conversion": conversion} if conversion else {}),
         "parameters": {"total": sum(p.numel() for p in graft.parameters()),
                        "vision": sum(p.numel() for p in graft.get_submodule(family.vision).parameters()),
                        "connector": sum(p.numel() for p in graft.get_submodule(family.connector).parameters())},
@@ -187,8 +201,10 @@ def audit_folder(folder: str, vision: str, llm: str, log=print) -> AuditReport:
     """Re-run the audit on a saved graft against the donor and LLM it came from."""
     graft = hub.load(AutoModelForImageTextToText.from_pretrained, folder, "graft", dtype=torch.float32)
     processor = hub.load(AutoProcessor.from_pretrained, folder, "graft processor")
-    family, donor, _, llm_model = load_sources(vision, llm)
     saved = json.loads((Path(folder) / "config.json").read_text())
+    donor_type = hub.load(AutoConfig.from_pretrained, vision, "vision donor").model_type
+    size = saved["vision_config"]["image_size"] if donor_type in NAFLEX_TYPES else None  # convert as the build did
+    family, donor, _, llm_model, _ = load_sources(vision, llm, size)
     stored = DTYPES.get(str(saved.get("dtype") or saved.get("torch_dtype") or "float32"), torch.float32)
     # Compare like with like: the sources rounded to the dtype the graft was saved in.
     for model in (llm_model, donor):  # parameters only: buffers such as rotary inv_freq stay exact

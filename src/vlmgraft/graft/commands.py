@@ -15,6 +15,8 @@ def register(sub) -> None:
     build.add_argument("--image-token", default=None, help="override the image placeholder token string")
     build.add_argument("--seed", type=int, default=0, help="seed of the connector initialisation")
     build.add_argument("--device", default="auto", help="where the audit runs: auto (CUDA if available), cpu, cuda")
+    build.add_argument("--image-size", type=int, default=None,
+                       help="SigLIP2 NaFlex donors: the fixed resolution to convert to (default: the native grid)")
     build.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
     build.set_defaults(func=_build)
 
@@ -29,7 +31,8 @@ def _build(args) -> int:
     from vlmgraft.graft.build import BuildOptions, build
 
     build(BuildOptions(vision=args.vision, llm=args.llm, out=args.out, dtype=args.dtype, force=args.force,
-                       image_token=args.image_token, seed=args.seed, device=args.device))
+                       image_token=args.image_token, seed=args.seed, device=args.device,
+                       image_size=args.image_size))
     return 0
 
 

@@ -95,7 +95,8 @@ _POOLING_HEAD = ("SigLIP's attention-pooling head: LLaVA reads the patch feature
 _TOWER_HEADS = "contrastive head of the dual encoder: a VLM reads the vision tower's patch features"
 LLAVA = DonorFamily(
     name="llava",
-    model_types=("siglip", "siglip_vision_model", "clip", "clip_vision_model"),
+    # SigLIP2 NaFlex checkpoints are converted to the fixed-resolution SigLIP layout first (graft/naflex.py).
+    model_types=("siglip", "siglip_vision_model", "clip", "clip_vision_model", "siglip2", "siglip2_vision_model"),
     export_architecture="LlavaForConditionalGeneration",
     export_model_type="llava",
     vision="model.vision_tower",
