@@ -207,3 +207,21 @@ def test_trained_vision_layers_are_those_the_projector_reads(name, grafts):
     assert trained and all(params[n].grad is not None and params[n].grad.abs().sum() > 0 for n in trained)
     layers = {LLAVA.vision_layer_index(n) for n in trained}
     assert len(layers) == 2 and not any("post_layernorm" in n for n in trained)
+
+
+@pytest.mark.parametrize("name", ["siglip", "clip"])
+def test_processor_tells_serving_engines_the_placeholder_count(name, grafts):
+    """vLLM's Transformers backend asks the processor how many placeholders an image of a given size becomes."""
+    processor = AutoProcessor.from_pretrained(grafts[name])
+    model_config = json.loads((grafts[name] / "config.json").read_text())
+    counts = processor._get_num_multimodal_tokens(image_sizes=[(100, 80), (20, 300)])
+    assert counts.num_image_tokens == [model_config["image_seq_length"]] * 2
+    pixels = processor.image_processor(images=[Image.new("RGB", (70, 40))], return_tensors="pt")["pixel_values"]
+    assert pixels.shape[-2:] == (model_config["vision_config"]["image_size"],) * 2
+
+
+def test_offline_hub_id_of_a_siglip_donor_gives_one_clear_sentence(tiny_dir, tmp_path):
+    with pytest.raises(VlmgraftError) as err:
+        build(BuildOptions(vision="google/siglip-so400m-patch14-384", llm=str(tiny_dir / "qwen3"),
+                           out=tmp_path / "x"), **QUIET)
+    assert "'google/siglip-so400m-patch14-384'" in str(err.value) and "local folder" in str(err.value)

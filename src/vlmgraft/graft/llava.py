@@ -98,6 +98,11 @@ def make_processor(llm: str, image_processor, donor_config: PretrainedConfig, im
     if size != (vision.image_size, vision.image_size):
         raise VlmgraftError(f"the donor's preprocessor_config.json gives {size[0]}×{size[1]} images but its vision "
                             f"config has image_size {vision.image_size}; fix 'size'/'crop_size' there")
+    if getattr(image_processor, "crop_size", None) is None:
+        # LlavaProcessor counts placeholders for serving engines (`_get_num_multimodal_tokens`) from crop_size;
+        # SigLIP's processor resizes without cropping, so the crop equal to the resize changes no pixel.
+        kept = {k: v for k, v in image_processor.to_dict().items() if k != "image_processor_type"}
+        image_processor = type(image_processor)(**{**kept, "crop_size": {"height": size[0], "width": size[1]}})
     original = hub.load(AutoTokenizer.from_pretrained, llm, "LLM tokenizer")
     if not original.chat_template:
         raise VlmgraftError(f"the LLM tokenizer of {llm!r} has no chat_template; use an instruct/chat model or add "
