@@ -225,3 +225,18 @@ def test_offline_hub_id_of_a_siglip_donor_gives_one_clear_sentence(tiny_dir, tmp
         build(BuildOptions(vision="google/siglip-so400m-patch14-384", llm=str(tiny_dir / "qwen3"),
                            out=tmp_path / "x"), **QUIET)
     assert "'google/siglip-so400m-patch14-384'" in str(err.value) and "local folder" in str(err.value)
+
+
+def test_the_trainers_label_only_loss_runs_through_transformers_llava_forward(grafts):
+    """Without the SmolVLM collator's plan, training takes transformers' own forward (train/image_inputs.py)."""
+    from vlmgraft.train.trainer import label_only_loss
+
+    model = AutoModelForImageTextToText.from_pretrained(grafts["siglip"])
+    processor = AutoProcessor.from_pretrained(grafts["siglip"])
+    batch = dict(_image_batch(processor, [Image.new("RGB", (32, 32), "green"), Image.new("RGB", (32, 32), "red")]))
+    batch["labels"] = batch["input_ids"].masked_fill(batch["input_ids"] == model.config.image_token_id, -100)
+    loss, count = label_only_loss(model, batch)
+    loss.backward()
+    connector = model.get_submodule(LLAVA.connector)
+    assert torch.isfinite(loss) and count > 0
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in connector.parameters())
