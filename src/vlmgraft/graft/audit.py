@@ -6,7 +6,10 @@
 3. text parity: text-only logits of the graft equal the LLM's (fp32);
 4. vision reaches the LLM: two different images give different next-token logits;
 5. trainable path: one backward pass puts a non-zero gradient on the connector;
-6. placeholders: a multi-tile image yields exactly as many image tokens as image features.
+6. placeholders: an image yields exactly as many image tokens as image features (SmolVLM: a multi-tile image).
+
+The checks run on SmolVLM and LLaVA exports alike; where the two differ (tiles, how `image_seq_len` is derived) the
+processor's own attributes decide.
 """
 
 from __future__ import annotations
@@ -70,10 +73,12 @@ def check_configs(report: AuditReport, graft, processor, llm_config, llm_generat
     cfg, text = graft.config, graft.config.text_config
     tok = processor.tokenizer
     token_id = tok.convert_tokens_to_ids(processor.image_token)
-    ids = {"config.image_token_id": cfg.image_token_id, "model.image_token_id": graft.image_token_id,
-           "model.model.image_token_id": graft.model.image_token_id,
+    ids = {"config.image_token_id": cfg.image_token_id,
            "model.model.config.image_token_id": graft.model.config.image_token_id,
            "processor.image_token_id": processor.image_token_id, "tokenizer(image_token)": token_id}
+    for owner, module in (("model", graft), ("model.model", graft.model)):  # SmolVLM keeps a copy on the modules
+        if hasattr(module, "image_token_id"):
+            ids[f"{owner}.image_token_id"] = module.image_token_id
     report.add("image_token_id agrees", len(set(ids.values())) == 1 and token_id != tok.unk_token_id,
                f"{processor.image_token!r} = " + ", ".join(f"{k}={v}" for k, v in ids.items()))
 
@@ -102,9 +107,17 @@ def check_configs(report: AuditReport, graft, processor, llm_config, llm_generat
                + f", generation eos={gen.eos_token_id} pad={gen.pad_token_id}, tokenizer eos={tok.eos_token_id}")
 
     vision = cfg.vision_config
-    expected = (vision.image_size // vision.patch_size) ** 2 // cfg.scale_factor**2
-    report.add("image_seq_len agrees", processor.image_seq_len == expected,
-               f"processor={processor.image_seq_len}, (image_size/patch)²/scale²={expected}")
+    if hasattr(processor, "image_seq_len"):
+        expected = (vision.image_size // vision.patch_size) ** 2 // cfg.scale_factor**2
+        report.add("image_seq_len agrees", processor.image_seq_len == expected,
+                   f"processor={processor.image_seq_len}, (image_size/patch)²/scale²={expected}")
+    else:  # LLaVA: the processor's own count for an image at the tower's resolution
+        from vlmgraft.graft.llava import tokens_per_image
+
+        written = tokens_per_image(processor, Image.new("RGB", (vision.image_size, vision.image_size)))
+        report.add("image_seq_len agrees", written == cfg.image_seq_length,
+                   f"processor writes {written}, config.image_seq_length={cfg.image_seq_length} "
+                   f"({cfg.vision_feature_select_strategy!r} strategy, layer {cfg.vision_feature_layer})")
 
 
 def _prompt_ids(tokenizer, n: int = 24) -> torch.Tensor:
@@ -140,7 +153,11 @@ def _image_batch(processor, images: list[Image.Image], device, question: str = "
 def probe_images(processor, seed: int = 0) -> tuple[Image.Image, Image.Image, Image.Image]:
     """Two small different images and one large enough to be split into several tiles."""
     rng = np.random.default_rng(seed)
-    tile = processor.image_processor.max_image_size["longest_edge"]
+    image_processor = processor.image_processor
+    if getattr(image_processor, "max_image_size", None):
+        tile = image_processor.max_image_size["longest_edge"]
+    else:  # one image per tower input (LLaVA): the resolution it is resized or cropped to
+        tile = image_processor.size.get("height") or image_processor.size.get("shortest_edge")
     noise = Image.fromarray(rng.integers(0, 256, (tile, tile, 3), dtype=np.uint8))
     flat = Image.new("RGB", (tile, tile), (200, 30, 30))
     big = Image.fromarray(rng.integers(0, 256, (int(tile * 1.5), tile * 2, 3), dtype=np.uint8))
@@ -191,12 +208,18 @@ def check_placeholders(report: AuditReport, graft, processor) -> None:
     _, _, big = probe_images(processor)
     batch = _image_batch(processor, [big], graft.device)
     n_tokens = int((batch["input_ids"] == graft.config.image_token_id).sum())
-    features = graft.get_image_features(batch["pixel_values"], batch.get("pixel_attention_mask")).pooler_output
+    if "pixel_attention_mask" in batch:  # SmolVLM: (batch, tiles, 3, H, W), and the big image must split
+        features = graft.get_image_features(batch["pixel_values"], batch["pixel_attention_mask"]).pooler_output
+        tiles = int(batch["pixel_values"].shape[1])
+        ok_tiles = tiles > 1
+    else:  # LLaVA: one tower input per image
+        features = graft.get_image_features(pixel_values=batch["pixel_values"]).pooler_output
+        tiles, ok_tiles = int(batch["pixel_values"].shape[0]), True
     n_features = sum(f.shape[0] for f in features)
-    tiles = int(batch["pixel_values"].shape[1])
-    ok = n_tokens == n_features and tiles > 1
+    ok = n_tokens == n_features and ok_tiles
     report.add("placeholders = image features", ok,
-               f"{big.size[0]}×{big.size[1]} image → {tiles} tiles, {n_tokens} image tokens, {n_features} features")
+               f"{big.size[0]}×{big.size[1]} image → {tiles} {'tiles' if 'pixel_attention_mask' in batch else 'input'}, "
+               f"{n_tokens} image tokens, {n_features} features")
 
 
 def run_audit(graft, processor, llm, family: DonorFamily, ledger: Ledger | None, donor_keys: set[str] | None,

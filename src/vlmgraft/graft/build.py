@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from transformers import (
     AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
     AutoProcessor,
@@ -22,9 +24,11 @@ from transformers import (
 
 from vlmgraft import hub
 from vlmgraft.errors import VlmgraftError
+from vlmgraft.graft import llava
 from vlmgraft.graft.audit import AuditReport, run_audit
-from vlmgraft.graft.families import family_for
-from vlmgraft.graft.surgery import build_graft, plan_ledger
+from vlmgraft.graft.families import LLAVA, donor_family_for
+from vlmgraft.graft.naflex import NAFLEX_TYPES, convert_naflex
+from vlmgraft.graft.surgery import build_graft, graft_config, plan_ledger, smolvlm_connector_init, vocab_size_for
 from vlmgraft.graft.template import extend_chat_template
 from vlmgraft.graft.tokens import choose_vision_tokens
 
@@ -43,6 +47,7 @@ class BuildOptions:
     image_token: str | None = None
     seed: int = 0
     device: str = "auto"  # where the audit's forward passes run: auto = CUDA when available
+    image_size: int | None = None  # SigLIP2 NaFlex donors: the fixed resolution to convert to (None: native grid)
 
 
 def guard_output(out: Path, force: bool) -> None:
@@ -87,13 +92,26 @@ def downcast_note(sources: dict[str, str | None], dtype: str) -> str | None:
             f"(--dtype {next(iter(wider.values()))} keeps full precision)")
 
 
-def load_sources(vision: str, llm: str):
+def load_sources(vision: str, llm: str, image_size: int | None = None):
+    """(family, donor in fp32, its processor — the image processor alone for SigLIP/CLIP —, LLM in fp32, the NaFlex
+    conversion report or None). A SigLIP2 NaFlex donor comes back converted to the fixed-resolution SigLIP layout."""
     donor_config = hub.load(AutoConfig.from_pretrained, vision, "vision donor")
-    family = family_for(donor_config.model_type)
-    donor = hub.load(AutoModelForImageTextToText.from_pretrained, vision, "vision donor", dtype=torch.float32)
-    donor_processor = hub.load(AutoProcessor.from_pretrained, vision, "vision donor's processor")
+    family = donor_family_for(donor_config.model_type)
+    naflex = donor_config.model_type in NAFLEX_TYPES
+    if image_size is not None and not naflex:
+        raise VlmgraftError(f"--image-size is for SigLIP2 NaFlex donors; {vision!r} is a fixed-resolution "
+                            f"{donor_config.model_type!r} donor")
+    conversion = None
+    if family is LLAVA:  # a dual encoder or a vision tower: no VLM head class, and its text tokenizer is not needed
+        donor = hub.load(AutoModel.from_pretrained, vision, "vision donor", dtype=torch.float32)
+        donor_processor = hub.load(AutoImageProcessor.from_pretrained, vision, "vision donor's image processor")
+        if naflex:
+            donor, donor_processor, conversion = convert_naflex(donor, donor_processor, image_size)
+    else:
+        donor = hub.load(AutoModelForImageTextToText.from_pretrained, vision, "vision donor", dtype=torch.float32)
+        donor_processor = hub.load(AutoProcessor.from_pretrained, vision, "vision donor's processor")
     llm_model = hub.load(AutoModelForCausalLM.from_pretrained, llm, "LLM", dtype=torch.float32)
-    return family, donor, donor_processor, llm_model
+    return family, donor, donor_processor, llm_model, conversion
 
 
 def make_processor(llm: str, donor_processor, donor_config, image_token: str | None):
@@ -115,7 +133,31 @@ def make_processor(llm: str, donor_processor, donor_config, image_token: str | N
     processor = SmolVLMProcessor(image_processor=donor_processor.image_processor,
                                  video_processor=donor_processor.video_processor, tokenizer=tokenizer,
                                  image_seq_len=image_seq_len, chat_template=template)
-    return processor, tokens, new_ids, len(original)
+    return processor, tokens.as_dict(), new_ids, len(original)
+
+
+def _graft_parts(family, opts: BuildOptions, donor, donor_processor, llm):
+    """The family's processor, outer config and connector init: (processor, tokens, new_ids, original_len, config,
+    init)."""
+    if family is LLAVA:
+        processor, tokens, new_ids, original_len = llava.make_processor(opts.llm, donor_processor, donor.config,
+                                                                        opts.image_token)
+    else:
+        processor, tokens, new_ids, original_len = make_processor(opts.llm, donor_processor, donor.config,
+                                                                  opts.image_token)
+    image_token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    vocab = vocab_size_for(llm, len(processor.tokenizer))
+    if family is LLAVA:
+        config = llava.llava_config(donor.config, llm.config, image_token_id, vocab)
+        init = llava.projector_init(llava.feature_rms(donor, donor_processor, config, opts.seed))
+    else:
+        config, init = graft_config(donor.config, llm.config, image_token_id, vocab), smolvlm_connector_init
+    return processor, tokens, new_ids, original_len, config, init
+
+
+def image_seq_len(graft, processor) -> int:
+    """Image tokens per image (SmolVLM: per tile), as the saved config and processor define it."""
+    return processor.image_seq_len if hasattr(processor, "image_seq_len") else graft.config.image_seq_length
 
 
 def _audit_device(name: str) -> torch.device:
@@ -136,15 +178,17 @@ def build(opts: BuildOptions, log=print) -> AuditReport:
     out = Path(opts.out)
     dtype = _dtype(opts.dtype)
     guard_output(out, opts.force)
-    family, donor, donor_processor, llm = load_sources(opts.vision, opts.llm)
-    processor, tokens, new_ids, original_len = make_processor(opts.llm, donor_processor, donor.config,
-                                                              opts.image_token)
+    family, donor, donor_processor, llm, conversion = load_sources(opts.vision, opts.llm, opts.image_size)
+    if conversion:
+        log(f"SigLIP2 NaFlex donor converted to fixed-resolution SigLIP at {conversion['image_size']} px "
+            f"(max |Δ|/RMS vs Siglip2VisionModel {conversion['max_rel_diff_vs_siglip2']:.1e})")
+    processor, tokens, new_ids, original_len, config, init = _graft_parts(family, opts, donor, donor_processor, llm)
     sources = {"vision donor": _dtype_name(hub.load(AutoConfig.from_pretrained, opts.vision, "vision donor")),
                "LLM": _dtype_name(hub.load(AutoConfig.from_pretrained, opts.llm, "LLM"))}
-    log(f"donor family {family.name}; image placeholder {tokens.image_token!r}"
+    log(f"donor {donor.config.model_type} → {family.export_architecture}; image placeholder {processor.image_token!r}"
         + (f"; added tokens {new_ids} (rows set to the mean embedding)" if new_ids else "; no tokens added"))
-    image_token_id = processor.tokenizer.convert_tokens_to_ids(tokens.image_token)
-    graft, ledger = build_graft(family, donor, llm, image_token_id, new_ids, len(processor.tokenizer), opts.seed)
+    image_token_id = config.image_token_id
+    graft, ledger = build_graft(family, donor, llm, config, new_ids, len(processor.tokenizer), opts.seed, init)
     compare = [i for i in range(original_len) if i not in set(new_ids)]
     device = _audit_device(opts.device)
     graft.to(device)
@@ -153,9 +197,14 @@ def build(opts: BuildOptions, log=print) -> AuditReport:
     log("audit:\n" + report.table())
     out.mkdir(parents=True, exist_ok=True)
     summary = {
-        "vision": opts.vision, "llm": opts.llm, "family": family.name, "dtype": opts.dtype, "source_dtypes": sources,
-        "tokens": tokens.as_dict(), "image_token_id": image_token_id, "added_token_ids": new_ids,
-        "image_seq_len": processor.image_seq_len, "tile_markers": "plain text (see vlmgraft.graft.tokens)",
+        "vision": opts.vision, "llm": opts.llm, "family": family.name, "donor_model_type": donor.config.model_type,
+        "architecture": family.export_architecture, "dtype": opts.dtype, "source_dtypes": sources,
+        "tokens": tokens, "image_token_id": image_token_id, "added_token_ids": new_ids,
+        "image_seq_len": image_seq_len(graft, processor),
+        **({"tile_markers": "plain text (see vlmgraft.graft.tokens)"} if family is not LLAVA else
+           {"vision_feature_select_strategy": config.vision_feature_select_strategy,
+            "vision_feature_layer": config.vision_feature_layer}),
+        **({"naflex_conversion": conversion} if conversion else {}),
         "parameters": {"total": sum(p.numel() for p in graft.parameters()),
                        "vision": sum(p.numel() for p in graft.get_submodule(family.vision).parameters()),
                        "connector": sum(p.numel() for p in graft.get_submodule(family.connector).parameters())},
@@ -185,8 +234,10 @@ def audit_folder(folder: str, vision: str, llm: str, log=print) -> AuditReport:
     """Re-run the audit on a saved graft against the donor and LLM it came from."""
     graft = hub.load(AutoModelForImageTextToText.from_pretrained, folder, "graft", dtype=torch.float32)
     processor = hub.load(AutoProcessor.from_pretrained, folder, "graft processor")
-    family, donor, _, llm_model = load_sources(vision, llm)
     saved = json.loads((Path(folder) / "config.json").read_text())
+    donor_type = hub.load(AutoConfig.from_pretrained, vision, "vision donor").model_type
+    size = saved["vision_config"]["image_size"] if donor_type in NAFLEX_TYPES else None  # convert as the build did
+    family, donor, _, llm_model, _ = load_sources(vision, llm, size)
     stored = DTYPES.get(str(saved.get("dtype") or saved.get("torch_dtype") or "float32"), torch.float32)
     # Compare like with like: the sources rounded to the dtype the graft was saved in.
     for model in (llm_model, donor):  # parameters only: buffers such as rotary inv_freq stay exact

@@ -7,13 +7,16 @@ from pathlib import Path
 
 def register(sub) -> None:
     build = sub.add_parser("build", help="graft a VLM's vision tower onto a causal LM, audit it, save it")
-    build.add_argument("--vision", required=True, help="donor VLM: hub id or local folder (SmolVLM2 family)")
+    build.add_argument("--vision", required=True, help="vision donor: hub id or local folder (a SmolVLM2-family VLM, or a "
+                       "SigLIP/CLIP encoder, dual or vision-only, exported as LLaVA)")
     build.add_argument("--llm", required=True, help="causal LM: hub id or local folder")
     build.add_argument("--out", required=True, type=Path, help="output folder (never overwritten without --force)")
     build.add_argument("--dtype", default="bfloat16", help="dtype of the saved weights (bfloat16, float16, float32)")
     build.add_argument("--image-token", default=None, help="override the image placeholder token string")
     build.add_argument("--seed", type=int, default=0, help="seed of the connector initialisation")
     build.add_argument("--device", default="auto", help="where the audit runs: auto (CUDA if available), cpu, cuda")
+    build.add_argument("--image-size", type=int, default=None,
+                       help="SigLIP2 NaFlex donors: the fixed resolution to convert to (default: the native grid)")
     build.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
     build.set_defaults(func=_build)
 
@@ -28,7 +31,8 @@ def _build(args) -> int:
     from vlmgraft.graft.build import BuildOptions, build
 
     build(BuildOptions(vision=args.vision, llm=args.llm, out=args.out, dtype=args.dtype, force=args.force,
-                       image_token=args.image_token, seed=args.seed, device=args.device))
+                       image_token=args.image_token, seed=args.seed, device=args.device,
+                       image_size=args.image_size))
     return 0
 
 

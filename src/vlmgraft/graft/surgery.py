@@ -1,4 +1,7 @@
-"""The model surgery: SmolVLM donor's vision tower + any causal LM → one stock `SmolVLMForConditionalGeneration`.
+"""The model surgery: a donor's vision tower + any causal LM → one stock transformers VLM of the donor's family.
+
+SmolVLM donors give `SmolVLMForConditionalGeneration`; SigLIP/CLIP encoders give `LlavaForConditionalGeneration`
+(their config and connector init live in `vlmgraft.graft.llava`).
 
 The text backbone is built from the LLM's own config (so it is the LLM's class, e.g. Qwen3Model with q/k-norm),
 every tensor is placed from a named source, and a ledger records for each key whether it was copied,
@@ -9,10 +12,12 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from transformers import PreTrainedModel, SmolVLMConfig, SmolVLMForConditionalGeneration
+import transformers
+from transformers import PretrainedConfig, PreTrainedModel, SmolVLMConfig
 
 from vlmgraft.errors import VlmgraftError
 from vlmgraft.graft.families import DonorFamily
@@ -61,20 +66,30 @@ def _mean_rows(weight: torch.Tensor, rows: list[int], keep: int) -> None:
         weight[rows] = weight[:keep].float().mean(0).to(weight.dtype)
 
 
+def _donor_target(family: DonorFamily, key: str) -> str | None:
+    for prefix in family.donor_vision:
+        if key.startswith(prefix):
+            return family.donor_vision_target + key[len(prefix):]
+    return None
+
+
 def plan_ledger(family: DonorFamily, donor_keys: list[str], llm_keys: list[str], graft_keys: list[str],
                 llm_tied: bool) -> Ledger:
     """Decide, by name alone, where every tensor of the graft comes from and what is left behind."""
     ledger = Ledger()
+    graft_set = set(graft_keys)
     for key in donor_keys:
-        if key.startswith(family.donor_vision):
-            ledger.copied[key] = f"donor:{key}"
-        elif key.startswith(family.donor_connector):
+        dropped = next((reason for prefix, reason in family.donor_dropped if key.startswith(prefix)), None)
+        if dropped:
+            ledger.dropped[f"donor:{key}"] = dropped
+        elif family.donor_connector and key.startswith(family.donor_connector):
             ledger.dropped[f"donor:{key}"] = "connector re-initialised at the LLM's hidden size"
         elif key.startswith(family.donor_text):
             ledger.dropped[f"donor:{key}"] = "donor language model replaced by the LLM"
+        elif (target := _donor_target(family, key)) is not None and target in graft_set:
+            ledger.copied[target] = f"donor:{key}"
         else:
             raise VlmgraftError(f"donor tensor {key!r} belongs to no known part of the {family.name} family")
-    graft_set = set(graft_keys)
     for key in llm_keys:
         if key.startswith("lm_head.") and llm_tied:
             ledger.dropped[f"llm:{key}"] = "tied to the input embeddings; the graft ties it the same way"
@@ -99,16 +114,38 @@ def plan_ledger(family: DonorFamily, donor_keys: list[str], llm_keys: list[str],
     return ledger
 
 
-def build_graft(family: DonorFamily, donor: PreTrainedModel, llm: PreTrainedModel, image_token_id: int,
-                new_token_ids: list[int], tokenizer_len: int, seed: int = 0) -> tuple[PreTrainedModel, Ledger]:
-    """Assemble the graft in the donor's/LLM's dtype; `new_token_ids` are rows given to tokens added for images."""
+ConnectorInit = Callable[[dict[str, torch.Size], torch.Tensor, torch.Generator], dict[str, tuple[torch.Tensor, str]]]
+
+
+def smolvlm_connector_init(shapes: dict[str, torch.Size], embeddings: torch.Tensor,
+                           generator: torch.Generator) -> dict[str, tuple[torch.Tensor, str]]:
+    """SmolVLM's one linear projection after the pixel shuffle, at the LLM's embedding scale (`connector_std`)."""
+    out = {}
+    for key, shape in shapes.items():
+        std = connector_std(embeddings, shape[1])
+        out[key] = ((torch.randn(shape, generator=generator) * std).to(embeddings.dtype),
+                    f"new {tuple(shape)} projection (vision×scale² {shape[1]} → LLM {shape[0]}), "
+                    f"N(0, {std:.3g}²) so image tokens enter at the LLM's embedding scale")
+    return out
+
+
+def vocab_size_for(llm: PreTrainedModel, tokenizer_len: int) -> int:
     llm_vocab = llm.get_input_embeddings().weight.shape[0]
     vocab_size = max(llm_vocab, tokenizer_len)
     if vocab_size > llm_vocab:
         vocab_size = (vocab_size + 63) // 64 * 64  # keep the matrix a friendly multiple, as the LLMs do
-    config = graft_config(donor.config, llm.config, image_token_id, vocab_size)
+    return vocab_size
+
+
+def build_graft(family: DonorFamily, donor: PreTrainedModel, llm: PreTrainedModel, config: PretrainedConfig,
+                new_token_ids: list[int], tokenizer_len: int, seed: int = 0,
+                connector_init: ConnectorInit = smolvlm_connector_init) -> tuple[PreTrainedModel, Ledger]:
+    """Assemble the graft (`config`: the family's outer config, vocab from `vocab_size_for`); `new_token_ids` are
+    rows given to tokens added for images."""
+    llm_vocab = llm.get_input_embeddings().weight.shape[0]
+    vocab_size = config.get_text_config().vocab_size
     with torch.device("meta"):
-        graft = SmolVLMForConditionalGeneration(config)
+        graft = getattr(transformers, family.export_architecture)(config)
     graft_shapes = {k: v.shape for k, v in graft.state_dict().items()}
     llm_tied = bool(getattr(llm.config, "tie_word_embeddings", False))
     donor_state, llm_state = donor.state_dict(), llm.state_dict()
@@ -120,12 +157,10 @@ def build_graft(family: DonorFamily, donor: PreTrainedModel, llm: PreTrainedMode
         state[target] = (donor_state if origin == "donor" else llm_state)[key]
     embed_key = family.llm + ".embed_tokens.weight"
     generator = torch.Generator().manual_seed(seed)
-    for key in ledger.reinitialised:
-        shape = graft_shapes[key]
-        std = connector_std(state[embed_key], shape[1])
-        state[key] = (torch.randn(shape, generator=generator) * std).to(state[embed_key].dtype)
-        ledger.reinitialised[key] = (f"new {tuple(shape)} projection (vision×scale² {shape[1]} → LLM {shape[0]}), "
-                                     f"N(0, {std:.3g}²) so image tokens enter at the LLM's embedding scale")
+    initialised = connector_init({k: graft_shapes[k] for k in ledger.reinitialised}, state[embed_key], generator)
+    for key, (tensor, reason) in initialised.items():
+        state[key] = tensor
+        ledger.reinitialised[key] = reason
 
     # Grow the vocabulary when tokens for images did not fit in the LLM's padded rows.
     for key in (embed_key, family.lm_head + ".weight"):
@@ -149,9 +184,15 @@ def build_graft(family: DonorFamily, donor: PreTrainedModel, llm: PreTrainedMode
     return graft, ledger
 
 
+def donor_vision_module(family: DonorFamily, donor: PreTrainedModel) -> torch.nn.Module:
+    """The donor's vision tower: under its first vision prefix, or the donor itself (a vision-only checkpoint)."""
+    path = family.donor_vision[0].rstrip(".")
+    return donor.get_submodule(path) if hasattr(donor, path.split(".")[0]) else donor
+
+
 def _materialise_buffers(graft: PreTrainedModel, donor: PreTrainedModel, llm: PreTrainedModel,
                          family: DonorFamily) -> None:
-    sources = {family.vision: donor.get_submodule(family.vision), family.llm: llm.get_submodule("model")}
+    sources = {family.vision: donor_vision_module(family, donor), family.llm: llm.get_submodule("model")}
     for prefix, source in sources.items():
         target = graft.get_submodule(prefix)
         for name, buf in source.named_buffers():

@@ -78,9 +78,9 @@ def param_group(family: DonorFamily, name: str) -> str:
 
 
 def _vision_layer_names(model, family: DonorFamily, last_n: int) -> list[str]:
-    layers = model.get_submodule(family.vision_layers)
-    first = max(0, len(layers) - last_n)
-    return [f"{family.vision_layers}.{i}" for i in range(first, len(layers))]
+    """The last `last_n` vision layers whose output reaches the connector (LLaVA may read an earlier layer)."""
+    read = family.vision_layers_read(model.config, len(model.get_submodule(family.vision_layers)))
+    return [f"{family.vision_layers}.{i}" for i in range(max(0, read - last_n), read)]
 
 
 def freeze_for_stage(model, family: DonorFamily, plan: StagePlan) -> None:
@@ -91,7 +91,7 @@ def freeze_for_stage(model, family: DonorFamily, plan: StagePlan) -> None:
                     "matrix, so text-only answers will drift from the base LLM. Train an untied LLM, or use the "
                     "'align' stage to keep the LLM exact.")
     vision_extra = set(_vision_layer_names(model, family, plan.vision_layers)) if plan.vision_layers else set()
-    if vision_extra:
+    if vision_extra and family.reads_post_norm:
         vision_extra.add(family.vision_post_norm)
     for name, param in model.named_parameters():
         group = family.group_of(name)
@@ -112,7 +112,8 @@ def apply_lora(model, family: DonorFamily, plan: StagePlan, config: TrainConfig)
         modules_to_save.append(family.connector.split(".", 1)[1])  # "connector": peft matches name suffixes
     if plan.vision_layers:
         modules_to_save += [name.split(".", 1)[1] for name in _vision_layer_names(model, family, plan.vision_layers)]
-        modules_to_save.append(family.vision_post_norm.split(".", 1)[1])
+        if family.reads_post_norm:
+            modules_to_save.append(family.vision_post_norm.split(".", 1)[1])
     if "lm_head" in plan.groups:
         modules_to_save.append(family.lm_head)
     lora_config = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
