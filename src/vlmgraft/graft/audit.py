@@ -8,8 +8,8 @@
 5. trainable path: one backward pass puts a non-zero gradient on the connector;
 6. placeholders: an image yields exactly as many image tokens as image features (SmolVLM: a multi-tile image).
 
-The checks run on SmolVLM and LLaVA exports alike; where the two differ (tiles, how `image_seq_len` is derived) the
-processor's own attributes decide.
+The checks run on SmolVLM, LLaVA and Exaone4.5 exports alike; where they differ (tiles, how `image_seq_len` is
+derived, Exaone's per-size patch count) the processor's own attributes decide.
 """
 
 from __future__ import annotations
@@ -107,7 +107,11 @@ def check_configs(report: AuditReport, graft, processor, llm_config, llm_generat
                + f", generation eos={gen.eos_token_id} pad={gen.pad_token_id}, tokenizer eos={tok.eos_token_id}")
 
     vision = cfg.vision_config
-    if hasattr(processor, "image_seq_len"):
+    if hasattr(processor.image_processor, "merge_size"):  # Exaone: the count follows each image's size
+        from vlmgraft.graft.exaone import check_vision_settings
+
+        check_vision_settings(report, graft, processor)
+    elif hasattr(processor, "image_seq_len"):
         expected = (vision.image_size // vision.patch_size) ** 2 // cfg.scale_factor**2
         report.add("image_seq_len agrees", processor.image_seq_len == expected,
                    f"processor={processor.image_seq_len}, (image_size/patch)²/scale²={expected}")
@@ -156,6 +160,10 @@ def probe_images(processor, seed: int = 0) -> tuple[Image.Image, Image.Image, Im
     image_processor = processor.image_processor
     if getattr(image_processor, "max_image_size", None):
         tile = image_processor.max_image_size["longest_edge"]
+    elif hasattr(image_processor, "merge_size"):  # Qwen2.5-VL: any size, in whole merged units
+        from vlmgraft.graft.exaone import probe_side
+
+        tile = probe_side(image_processor)
     else:  # one image per tower input (LLaVA): the resolution it is resized or cropped to
         tile = image_processor.size.get("height") or image_processor.size.get("shortest_edge")
     noise = Image.fromarray(rng.integers(0, 256, (tile, tile, 3), dtype=np.uint8))
@@ -212,14 +220,21 @@ def check_placeholders(report: AuditReport, graft, processor) -> None:
         features = graft.get_image_features(batch["pixel_values"], batch["pixel_attention_mask"]).pooler_output
         tiles = int(batch["pixel_values"].shape[1])
         ok_tiles = tiles > 1
+    elif "image_grid_thw" in batch:  # Exaone: the image's patches, as many as its size gives
+        features = graft.get_image_features(batch["pixel_values"], batch["image_grid_thw"]).pooler_output
+        tiles, ok_tiles = int(batch["image_grid_thw"].prod()), True
     else:  # LLaVA: one tower input per image
         features = graft.get_image_features(pixel_values=batch["pixel_values"]).pooler_output
         tiles, ok_tiles = int(batch["pixel_values"].shape[0]), True
     n_features = sum(f.shape[0] for f in features)
     ok = n_tokens == n_features and ok_tiles
     report.add("placeholders = image features", ok,
-               f"{big.size[0]}×{big.size[1]} image → {tiles} {'tiles' if 'pixel_attention_mask' in batch else 'input'}, "
+               f"{big.size[0]}×{big.size[1]} image → {tiles} {_unit_name(batch)}, "
                f"{n_tokens} image tokens, {n_features} features")
+
+
+def _unit_name(batch) -> str:
+    return "tiles" if "pixel_attention_mask" in batch else "patches" if "image_grid_thw" in batch else "input"
 
 
 def run_audit(graft, processor, llm, family: DonorFamily, ledger: Ledger | None, donor_keys: set[str] | None,

@@ -24,9 +24,9 @@ from transformers import (
 
 from vlmgraft import hub
 from vlmgraft.errors import VlmgraftError
-from vlmgraft.graft import llava
+from vlmgraft.graft import exaone, llava
 from vlmgraft.graft.audit import AuditReport, run_audit
-from vlmgraft.graft.families import LLAVA, donor_family_for
+from vlmgraft.graft.families import EXAONE4_5, LLAVA, donor_family_for
 from vlmgraft.graft.naflex import NAFLEX_TYPES, convert_naflex
 from vlmgraft.graft.surgery import build_graft, graft_config, plan_ledger, smolvlm_connector_init, vocab_size_for
 from vlmgraft.graft.template import extend_chat_template
@@ -142,6 +142,8 @@ def _graft_parts(family, opts: BuildOptions, donor, donor_processor, llm):
     if family is LLAVA:
         processor, tokens, new_ids, original_len = llava.make_processor(opts.llm, donor_processor, donor.config,
                                                                         opts.image_token)
+    elif family is EXAONE4_5:
+        processor, tokens, new_ids, original_len = exaone.make_processor(opts.llm, donor_processor, opts.image_token)
     else:
         processor, tokens, new_ids, original_len = make_processor(opts.llm, donor_processor, donor.config,
                                                                   opts.image_token)
@@ -150,14 +152,47 @@ def _graft_parts(family, opts: BuildOptions, donor, donor_processor, llm):
     if family is LLAVA:
         config = llava.llava_config(donor.config, llm.config, image_token_id, vocab)
         init = llava.projector_init(llava.feature_rms(donor, donor_processor, config, opts.seed))
+    elif family is EXAONE4_5:
+        video_token_id = processor.tokenizer.convert_tokens_to_ids(processor.video_token)
+        config = exaone.exaone_config(donor.config, llm.config, image_token_id, video_token_id, vocab)
+        init = exaone.merger_output_init(exaone.merger_hidden_rms(donor, donor_processor, opts.seed))
     else:
         config, init = graft_config(donor.config, llm.config, image_token_id, vocab), smolvlm_connector_init
     return processor, tokens, new_ids, original_len, config, init
 
 
-def image_seq_len(graft, processor) -> int:
-    """Image tokens per image (SmolVLM: per tile), as the saved config and processor define it."""
-    return processor.image_seq_len if hasattr(processor, "image_seq_len") else graft.config.image_seq_length
+def image_seq_len(graft, processor) -> int | dict:
+    """Image tokens per image (SmolVLM: per tile), as the saved config and processor define it; Exaone: the range
+    the image size gives."""
+    if hasattr(processor, "image_seq_len"):
+        return processor.image_seq_len
+    if hasattr(graft.config, "image_seq_length"):
+        return graft.config.image_seq_length
+    return exaone.token_range(processor)
+
+
+def _family_details(family, config, ledger, conversion) -> dict:
+    """What graft_report.json says about how the family reads and places image features."""
+    if family is LLAVA:
+        details = {"vision_feature_select_strategy": config.vision_feature_select_strategy,
+                   "vision_feature_layer": config.vision_feature_layer}
+    elif family is EXAONE4_5:
+        details = {"connector": exaone.connector_split(ledger),
+                   "text_positions": "1-D (Exaone4.5 does not use Qwen2.5-VL's M-RoPE)"}
+    else:
+        details = {"tile_markers": "plain text (see vlmgraft.graft.tokens)"}
+    return {**details, **({"naflex_conversion": conversion} if conversion else {})}
+
+
+def _group_sizes(graft, family) -> dict:
+    """Parameters per module group (by the family's longest-prefix rule: Exaone's merger is not 'vision')."""
+    sizes = {"total": 0, "vision": 0, "connector": 0}
+    for name, param in graft.named_parameters():
+        sizes["total"] += param.numel()
+        group = family.group_of(name)
+        if group in sizes:
+            sizes[group] += param.numel()
+    return sizes
 
 
 def _audit_device(name: str) -> torch.device:
@@ -201,13 +236,8 @@ def build(opts: BuildOptions, log=print) -> AuditReport:
         "architecture": family.export_architecture, "dtype": opts.dtype, "source_dtypes": sources,
         "tokens": tokens, "image_token_id": image_token_id, "added_token_ids": new_ids,
         "image_seq_len": image_seq_len(graft, processor),
-        **({"tile_markers": "plain text (see vlmgraft.graft.tokens)"} if family is not LLAVA else
-           {"vision_feature_select_strategy": config.vision_feature_select_strategy,
-            "vision_feature_layer": config.vision_feature_layer}),
-        **({"naflex_conversion": conversion} if conversion else {}),
-        "parameters": {"total": sum(p.numel() for p in graft.parameters()),
-                       "vision": sum(p.numel() for p in graft.get_submodule(family.vision).parameters()),
-                       "connector": sum(p.numel() for p in graft.get_submodule(family.connector).parameters())},
+        **_family_details(family, config, ledger, conversion),
+        "parameters": _group_sizes(graft, family),
         "audit": report.as_dict(), "ledger": ledger.as_dict(), "memory": _peak_memory(),
         "seconds": round(time.perf_counter() - start, 2),
     }

@@ -3,7 +3,9 @@
 Freezing, LoRA targets, per-group learning rates and the graft's weight accounting all derive from these prefixes,
 so adding a donor family means adding one entry here plus its surgery. A family is named after the architecture it
 exports to: SmolVLM donors give `SmolVLMForConditionalGeneration`; standalone SigLIP and CLIP encoders (dual encoders
-or vision-only checkpoints) give a stock `LlavaForConditionalGeneration` (`vlmgraft.graft.llava`).
+or vision-only checkpoints) give a stock `LlavaForConditionalGeneration` (`vlmgraft.graft.llava`); Qwen2.5-VL donors
+give a stock `Exaone4_5_ForConditionalGeneration` (`vlmgraft.graft.exaone`), whose patch merger sits inside the
+vision module: the longest matching prefix decides a parameter's group.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ class DonorFamily:
     # The repeated blocks (for "train the last N vision layers" and for compiling block by block) and the final
     # vision norm.
     vision_layers: str
-    vision_post_norm: str
+    vision_post_norm: str | None  # None: the tower has none (Qwen2.5-VL's merger normalises its own input)
     llm_layers: str
     vision_patch_embedding: str  # a Conv2d whose stride equals its kernel
     # Prefixes of the donor's loaded state dict: what is kept from it (donor_vision, tried in order, renamed to
@@ -38,6 +40,9 @@ class DonorFamily:
     donor_vision_target: str
     donor_connector: str | None
     donor_text: tuple[str, ...]
+    # Parts of the donor's connector that still fit the graft and are copied; the rest is re-initialised.
+    donor_connector_kept: tuple[str, ...] = ()
+    donor_connector_dropped_reason: str = "connector re-initialised at the LLM's hidden size"
     # Other donor tensors left behind, checked before everything else: (prefix, reason).
     donor_dropped: tuple[tuple[str, str], ...] = ()
     # The export config's attribute naming the vision layer(s) the connector reads (LLaVA's hidden-state index);
@@ -46,9 +51,9 @@ class DonorFamily:
 
     def group_of(self, param_name: str) -> str:
         """The module group a parameter belongs to (longest prefix wins; lm_head tied to embeddings is 'llm')."""
-        for group in GROUPS:
-            if param_name.startswith(getattr(self, group) + "."):
-                return group
+        matches = [group for group in GROUPS if param_name.startswith(getattr(self, group) + ".")]
+        if matches:
+            return max(matches, key=lambda group: len(getattr(self, group)))
         raise VlmgraftError(f"parameter {param_name!r} belongs to no module group of the {self.name} family")
 
     def vision_layers_read(self, config, total: int) -> int:
@@ -62,7 +67,7 @@ class DonorFamily:
 
     @property
     def reads_post_norm(self) -> bool:
-        return self.vision_feature_layer_key is None
+        return self.vision_feature_layer_key is None and self.vision_post_norm is not None
 
     def vision_layer_index(self, param_name: str) -> int | None:
         prefix = self.vision_layers + "."
@@ -119,7 +124,29 @@ LLAVA = DonorFamily(
                    ("visual_projection.", _TOWER_HEADS), ("text_projection.", _TOWER_HEADS)),
 )
 
-FAMILIES = {family.name: family for family in (SMOLVLM, LLAVA)}
+EXAONE4_5 = DonorFamily(
+    name="exaone4_5",
+    model_types=("qwen2_5_vl",),
+    export_architecture="Exaone4_5_ForConditionalGeneration",
+    export_model_type="exaone4_5",
+    vision="model.visual",  # minus the merger, which is the connector (longest prefix wins)
+    connector="model.visual.merger",
+    llm="model.language_model",
+    lm_head="lm_head",
+    vision_layers="model.visual.blocks",
+    vision_post_norm=None,
+    llm_layers="model.language_model.layers",
+    vision_patch_embedding="model.visual.patch_embed.proj",  # a Conv3d over (temporal, h, w) patches
+    donor_vision=("model.visual.",),
+    donor_vision_target="model.visual.",
+    donor_connector="model.visual.merger.",
+    donor_text=("model.language_model.", "lm_head."),
+    donor_connector_kept=("model.visual.merger.ln_q.", "model.visual.merger.mlp.0."),
+    donor_connector_dropped_reason=("the patch merger's output layer writes into the donor LLM's embedding space; "
+                                    "re-initialised at the LLM's hidden size"),
+)
+
+FAMILIES = {family.name: family for family in (SMOLVLM, LLAVA, EXAONE4_5)}
 
 
 def family_for(model_type: str) -> DonorFamily:

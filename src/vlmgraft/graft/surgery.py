@@ -1,11 +1,12 @@
 """The model surgery: a donor's vision tower + any causal LM → one stock transformers VLM of the donor's family.
 
 SmolVLM donors give `SmolVLMForConditionalGeneration`; SigLIP/CLIP encoders give `LlavaForConditionalGeneration`
-(their config and connector init live in `vlmgraft.graft.llava`).
+(their config and connector init live in `vlmgraft.graft.llava`); Qwen2.5-VL donors give
+`Exaone4_5_ForConditionalGeneration` (`vlmgraft.graft.exaone`).
 
 The text backbone is built from the LLM's own config (so it is the LLM's class, e.g. Qwen3Model with q/k-norm),
 every tensor is placed from a named source, and a ledger records for each key whether it was copied,
-re-initialised or dropped and why. Only the connector is new.
+re-initialised or dropped and why. Only the connector (or the part of the donor's that no longer fits) is new.
 """
 
 from __future__ import annotations
@@ -83,7 +84,11 @@ def plan_ledger(family: DonorFamily, donor_keys: list[str], llm_keys: list[str],
         if dropped:
             ledger.dropped[f"donor:{key}"] = dropped
         elif family.donor_connector and key.startswith(family.donor_connector):
-            ledger.dropped[f"donor:{key}"] = "connector re-initialised at the LLM's hidden size"
+            target = _donor_target(family, key)
+            if key.startswith(family.donor_connector_kept) and target in graft_set:
+                ledger.copied[target] = f"donor:{key}"
+            else:
+                ledger.dropped[f"donor:{key}"] = family.donor_connector_dropped_reason
         elif key.startswith(family.donor_text):
             ledger.dropped[f"donor:{key}"] = "donor language model replaced by the LLM"
         elif (target := _donor_target(family, key)) is not None and target in graft_set:
@@ -104,7 +109,7 @@ def plan_ledger(family: DonorFamily, donor_keys: list[str], llm_keys: list[str],
             raise VlmgraftError(f"LLM tensor {key!r} has no place in the graft (expected {target!r})")
         ledger.copied[target] = f"llm:{key}"
     for key in graft_keys:
-        if key.startswith(family.connector + "."):
+        if key.startswith(family.connector + ".") and key not in ledger.copied:
             ledger.reinitialised[key] = "new projection at the LLM's hidden size"
     if llm_tied:
         ledger.tied[family.lm_head + ".weight"] = family.llm + ".embed_tokens.weight"
