@@ -248,3 +248,18 @@ def test_processor_tells_serving_engines_the_placeholder_count(grafts):
     for (height, width), count in zip(sizes, counts, strict=True):
         batch = _image_batch(processor, [Image.new("RGB", (width, height))])
         assert count == int((batch["input_ids"] == processor.image_token_id).sum())
+
+
+def test_the_trainers_label_only_loss_runs_through_transformers_exaone_forward(grafts):
+    """Without the SmolVLM collator's plan, the trainer's loss takes transformers' own forward (image_grid_thw too)."""
+    from vlmgraft.train.trainer import label_only_loss
+
+    model = AutoModelForImageTextToText.from_pretrained(grafts["qwen3"])
+    processor = AutoProcessor.from_pretrained(grafts["qwen3"])
+    batch = dict(_image_batch(processor, [Image.new("RGB", (48, 32), "green"), Image.new("RGB", (32, 64), "red")]))
+    batch["labels"] = batch["input_ids"].masked_fill(batch["input_ids"] == model.config.image_token_id, -100)
+    loss, count = label_only_loss(model, batch)
+    loss.backward()
+    connector = model.get_submodule(EXAONE4_5.connector)
+    assert torch.isfinite(loss) and count > 0
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in connector.parameters())
