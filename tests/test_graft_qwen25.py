@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -263,3 +264,16 @@ def test_the_trainers_label_only_loss_runs_through_transformers_exaone_forward(g
     connector = model.get_submodule(EXAONE4_5.connector)
     assert torch.isfinite(loss) and count > 0
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in connector.parameters())
+
+
+def test_donor_without_a_video_preprocessor_config_still_saves_a_matching_video_processor(donor, tiny_dir, tmp_path):
+    """Older Qwen2.5-VL folders ship only preprocessor_config.json; the export needs a video processor to load."""
+    older = tmp_path / "older"
+    shutil.copytree(donor, older)
+    (older / "video_preprocessor_config.json").unlink()
+    out = tmp_path / "graft"
+    assert build(BuildOptions(vision=str(older), llm=str(tiny_dir / "qwen3"), out=out), **QUIET).passed
+    video = AutoProcessor.from_pretrained(out).video_processor
+    published = json.loads((older / "preprocessor_config.json").read_text())
+    assert (video.patch_size, video.merge_size) == (published["patch_size"], published["merge_size"])
+    assert (video.size["shortest_edge"], video.size["longest_edge"]) == (TINY_MIN_PIXELS, TINY_MAX_PIXELS)

@@ -143,7 +143,8 @@ def _graft_parts(family, opts: BuildOptions, donor, donor_processor, llm):
         processor, tokens, new_ids, original_len = llava.make_processor(opts.llm, donor_processor, donor.config,
                                                                         opts.image_token)
     elif family is EXAONE4_5:
-        processor, tokens, new_ids, original_len = exaone.make_processor(opts.llm, donor_processor, opts.image_token)
+        processor, tokens, new_ids, original_len = exaone.make_processor(opts.llm, opts.vision, donor_processor,
+                                                                         opts.image_token)
     else:
         processor, tokens, new_ids, original_len = make_processor(opts.llm, donor_processor, donor.config,
                                                                   opts.image_token)

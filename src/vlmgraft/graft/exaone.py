@@ -27,7 +27,6 @@ from transformers import (
     Exaone4_5_Processor,
     PretrainedConfig,
     PreTrainedModel,
-    Qwen2VLVideoProcessor,
 )
 
 from vlmgraft import hub
@@ -58,7 +57,7 @@ def exaone_config(donor_config: PretrainedConfig, llm_config: PretrainedConfig, 
     return config
 
 
-def make_processor(llm: str, donor_processor, image_token: str | None):
+def make_processor(llm: str, vision: str, donor_processor, image_token: str | None):
     """Exaone4_5_Processor: the donor's image/video processors + the LLM's tokenizer and template (prelude added)."""
     original = hub.load(AutoTokenizer.from_pretrained, llm, "LLM tokenizer")
     if not original.chat_template:
@@ -75,10 +74,9 @@ def make_processor(llm: str, donor_processor, image_token: str | None):
     template = extend_chat_template(original.chat_template, image, video)
     tokenizer.chat_template = template
     video_processor = getattr(donor_processor, "video_processor", None)
-    if video_processor is None:  # older Qwen2.5-VL folders ship no video_preprocessor_config.json
-        settings = donor_processor.image_processor.to_dict()
-        video_processor = Qwen2VLVideoProcessor(**{k: settings[k] for k in (
-            "patch_size", "merge_size", "temporal_patch_size", "size", "image_mean", "image_std") if k in settings})
+    if video_processor is None:  # Exaone4_5_Processor cannot be built without one
+        raise VlmgraftError(f"the vision donor {vision!r} has no video processor; add its "
+                            f"video_preprocessor_config.json (Qwen2VLVideoProcessor)")
     processor = Exaone4_5_Processor(image_processor=donor_processor.image_processor, tokenizer=tokenizer,
                                     video_processor=video_processor, chat_template=template)
     return processor, {**tokens, **({"vision_start": VISION_START, "vision_end": VISION_END} if wrap else {})}, \
