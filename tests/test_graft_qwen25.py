@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -277,3 +278,18 @@ def test_donor_without_a_video_preprocessor_config_still_saves_a_matching_video_
     published = json.loads((older / "preprocessor_config.json").read_text())
     assert (video.patch_size, video.merge_size) == (published["patch_size"], published["merge_size"])
     assert (video.size["shortest_edge"], video.size["longest_edge"]) == (TINY_MIN_PIXELS, TINY_MAX_PIXELS)
+
+
+def test_a_video_goes_through_the_stock_processor_and_model(grafts):
+    """video_token_id is the LLM's <|video_pad|>: the processor writes one per merged video patch, the model fills it."""
+    model = AutoModelForImageTextToText.from_pretrained(grafts["qwen3"]).eval()
+    processor = AutoProcessor.from_pretrained(grafts["qwen3"])
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What happens?"}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    frames = np.random.default_rng(0).integers(0, 256, (4, 48, 64, 3), dtype=np.uint8)
+    batch = processor(text=[text], videos=[frames], return_tensors="pt")
+    with torch.no_grad():
+        features = model.get_video_features(batch["pixel_values_videos"], batch["video_grid_thw"]).pooler_output
+        logits = model(**{k: v for k, v in batch.items() if k != "video_metadata"}).logits
+    assert int((batch["input_ids"] == model.config.video_token_id).sum()) == sum(f.shape[0] for f in features) > 0
+    assert torch.isfinite(logits).all()
