@@ -33,7 +33,7 @@ class DonorFamily:
     vision_layers: str
     vision_post_norm: str | None  # None: the tower has none (Qwen2.5-VL's merger normalises its own input)
     llm_layers: str
-    vision_patch_embedding: str  # a Conv2d whose stride equals its kernel
+    vision_patch_embedding: str  # a Conv2d whose stride equals its kernel (Qwen2.5-VL: a Conv3d, left as is)
     # Prefixes of the donor's loaded state dict: what is kept from it (donor_vision, tried in order, renamed to
     # donor_vision_target) and what the LLM or a new connector replaces.
     donor_vision: tuple[str, ...]
