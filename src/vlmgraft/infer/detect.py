@@ -1,7 +1,8 @@
 """`vlmgraft detect`: ask for boxes of named classes, map the 0–1000 answer to pixels, draw them.
 
-Coordinates in answers are relative to the image the user gave (0–1000 of its own width and height); the processor's
-resizing, tiling and padding never change that, so mapping back is a plain scale by the original size.
+Coordinates in answers are relative to the image as displayed (0–1000 of its own width and height, after its EXIF
+orientation is applied, as training saw it); the processor's resizing, tiling and padding never change that, so mapping
+back is a plain scale by that size, and boxes are drawn on that upright image.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from PIL import Image, ImageDraw, ImageFont
 
 from vlmgraft.grounding import Box, parse_boxes
+from vlmgraft.images import load_image
 
 _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]")
 
@@ -135,6 +137,7 @@ class Detection:
     parsed: bool  # every answer held a box list (possibly empty)
     width: int
     height: int
+    image: Image.Image | None = None  # the upright image the boxes are in
 
     @property
     def raw(self) -> str:
@@ -143,8 +146,11 @@ class Detection:
 
 def detect(model, processor, image: Image.Image, classes: list[str], lang: str | None = None,
            max_new_tokens: int = 512) -> Detection:
-    """One question per class (as grounding data asks them), answered in one batch; boxes in original pixels."""
+    """One question per class (as grounding data asks them), answered in one batch; boxes in the upright image's
+    pixels (an image still carrying an EXIF orientation tag is turned first, as the loader turns every image)."""
     from vlmgraft.infer.generate import generate
+
+    image = load_image(image)
 
     conversations = [[{"role": "user", "content": [{"type": "image"},
                                                    {"type": "text", "text": grounding_prompt([name], lang)}]}]
@@ -158,4 +164,4 @@ def detect(model, processor, image: Image.Image, classes: list[str], lang: str |
         parsed = parsed and found is not None
         for item in boxes_to_pixels(found or [], width, height):
             boxes.append(item | {"label": item["label"] or name})
-    return Detection(boxes, [r.text for r in results], parsed, width, height)
+    return Detection(boxes, [r.text for r in results], parsed, width, height, image)

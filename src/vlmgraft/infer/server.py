@@ -20,8 +20,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from vlmgraft.images import ImageError, ImagePolicy, load_image
 from vlmgraft.infer import openai_api as api
-from vlmgraft.infer.images import ImageError, ImagePolicy, load_image
 from vlmgraft.infer.prompts import ReasoningSplitter, prepare, split_reasoning
 from vlmgraft.infer.sampling import SamplingParams
 from vlmgraft.infer.worker import EngineWorker, StreamEvent
