@@ -139,6 +139,27 @@ def test_cauldron_folder_subsets_first_image_and_arrow_folder(tmp_path):
     assert len(arrow_source) == 3 and arrow_source.get(2).images[0].size == (48, 48)
 
 
+def test_cauldron_image_paths_resolve_against_the_data_folder(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    (data / "pics").mkdir(parents=True)
+    Image.new("RGB", (30, 20), (0, 0, 200)).save(data / "pics" / "a.png")
+    table = pa.table({"images": [[{"bytes": None, "path": "pics/a.png"}]],
+                      "texts": [[{"user": "colour?", "assistant": "blue", "source": "t"}]]})
+    pq.write_table(table, data / "train.parquet")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the working directory holds no pics/ folder
+    [source] = open_mixture(str(data / "train.parquet"))[0]
+    assert source.get(0).images[0].size == (30, 20)
+    import datasets
+
+    datasets.Dataset(table).save_to_disk(str(data / "saved"))
+    (data / "saved" / "pics").mkdir()
+    Image.new("RGB", (30, 20)).save(data / "saved" / "pics" / "a.png")
+    [arrow_source] = open_mixture(str(data / "saved"))[0]
+    assert arrow_source.get(0).images[0].size == (30, 20)
+
+
 def test_cauldron_bad_layout_and_offline_hub_give_clear_errors(tmp_path):
     pq.write_table(pa.table({"question": ["q"], "answer": ["a"]}), tmp_path / "x.parquet")
     with pytest.raises(VlmgraftError, match="Cauldron layout.*columns found.*answer"):
