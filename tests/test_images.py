@@ -117,6 +117,8 @@ def test_a_host_resolving_to_a_private_address_is_refused_before_connecting(monk
         with pytest.raises(ImageError) as err:
             load_image(url, policy)
         assert err.value.reason == "blocked_address" and err.value.status == 400 and "private" in str(err.value)
+    with pytest.raises(ImageError, match="not a valid URL"):  # an unparsable URL is the client's error, not a crash
+        load_image("http://[zz]/a.png", policy)
 
 
 PNG = io.BytesIO()

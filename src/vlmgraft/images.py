@@ -126,7 +126,10 @@ def _fetch(url: str, policy: ImagePolicy) -> bytes:
     # trust_env=False: a proxy from the environment would connect to a host this check never saw.
     with httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False) as client:
         for _ in range(policy.max_redirects + 1):
-            target = httpx.URL(url)
+            try:
+                target = httpx.URL(url)
+            except (httpx.InvalidURL, ValueError) as err:
+                raise ImageError("unsupported", url, f"not a valid URL: {err}") from err
             if target.scheme not in ("http", "https") or not target.host:
                 raise ImageError("unsupported", url, "only http(s) URLs are fetched")
             address = _checked_address(target.host, target.port or (443 if target.scheme == "https" else 80),

@@ -35,7 +35,7 @@ def skipping(origin: str | None = None) -> Iterator[None]:
         raise ImageSkipped(err.reason, where, err.detail) from err
 
 
-def load_image(source, base_dir: str | Path | None = None, policy: ImagePolicy = DEFAULT_POLICY) -> Image.Image:
+def load_image(source, policy: ImagePolicy = DEFAULT_POLICY, base_dir: str | Path | None = None) -> Image.Image:
     """Any supported image value → upright RGB PIL image (raises ImageSkipped with reason and where)."""
     with skipping():
         return load_image_oriented(source, policy, base_dir)[0]
