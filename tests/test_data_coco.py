@@ -148,10 +148,11 @@ def test_coco_malformed_annotations_are_skipped_and_counted_by_id(tmp_path):
            {"id": 6, "image_id": 1, "category_id": 1, "bbox": [1, 2, 3]},
            {"id": 7, "image_id": 1, "category_id": 99, "bbox": [1, 2, 3, 4]},
            {"id": 8, "image_id": 42, "category_id": 1, "bbox": [1, 2, 3, 4]}]
-    path = _write_coco(tmp_path, [{"id": 1, "file_name": "a.png", "size": (100, 100), "width": 100,
-                                   "height": 100}, {"id": "x", "file_name": "b.png", "size": (8, 8)}],
+    path = _write_coco(tmp_path, [{"id": 1, "file_name": "a.png", "size": (100, 100), "width": "wide",
+                                   "height": 1e12}, {"id": "x", "file_name": "b.png", "size": (8, 8)}],
                        [good, *bad])
     source = CocoSource(path, lang="en")
+    # unusable json sizes fall back to the image's own 100×100
     assert len(source) == 1 and _detect_answer(path, lang="en") == [{"label": "dog", "box": [100, 100, 300, 300]}]
     messages = [str(p) for p in source.problems]
     assert len(messages) == len(bad) + 1  # the image with a string id too

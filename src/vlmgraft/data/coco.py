@@ -78,7 +78,9 @@ def _bbox(value) -> tuple[float, float, float, float] | None:
 
 
 def _size(value) -> int:
-    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else 0
+    """A json width/height, or 0 (unknown: the decoded image's size is used) when it is not a usable number."""
+    usable = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 2**31
+    return int(value) if usable else 0
 
 
 class CocoSource(Source):
