@@ -79,7 +79,7 @@ def test_every_source_kind_decodes(tmp_path):
                          ({"bytes": _png(image), "path": "x.png"}, None),
                          ({"bytes": None, "path": "sub/a.png"}, tmp_path),
                          (_png(image), None), (image, None)]:
-        assert load_image(source, base).size == (20, 10)
+        assert load_image(source, base_dir=base).size == (20, 10)
 
 
 def test_bad_images_are_skipped_with_reason_and_path(tmp_path, monkeypatch):

@@ -13,13 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
-from vlmgraft.data.coco import CocoSource
 from vlmgraft.data.messages import MessagesSource
 from vlmgraft.data.shapes import ShapesWorld
 from vlmgraft.data.spec import build_dataset, detect_format, load_samples, open_mixture, parse_spec
 from vlmgraft.data.swift import SwiftSource
 from vlmgraft.errors import VlmgraftError
-from vlmgraft.grounding import iou, parse_boxes
 
 WORLD = ShapesWorld(image_size=48, max_shapes=3, seed=3)
 
@@ -139,77 +137,33 @@ def test_cauldron_folder_subsets_first_image_and_arrow_folder(tmp_path):
     assert len(arrow_source) == 3 and arrow_source.get(2).images[0].size == (48, 48)
 
 
+def test_cauldron_image_paths_resolve_against_the_data_folder(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    (data / "pics").mkdir(parents=True)
+    Image.new("RGB", (30, 20), (0, 0, 200)).save(data / "pics" / "a.png")
+    table = pa.table({"images": [[{"bytes": None, "path": "pics/a.png"}]],
+                      "texts": [[{"user": "colour?", "assistant": "blue", "source": "t"}]]})
+    pq.write_table(table, data / "train.parquet")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the working directory holds no pics/ folder
+    [source] = open_mixture(str(data / "train.parquet"))[0]
+    assert source.get(0).images[0].size == (30, 20)
+    import datasets
+
+    datasets.Dataset(table).save_to_disk(str(data / "saved"))
+    (data / "saved" / "pics").mkdir()
+    Image.new("RGB", (30, 20)).save(data / "saved" / "pics" / "a.png")
+    [arrow_source] = open_mixture(str(data / "saved"))[0]
+    assert arrow_source.get(0).images[0].size == (30, 20)
+
+
 def test_cauldron_bad_layout_and_offline_hub_give_clear_errors(tmp_path):
     pq.write_table(pa.table({"question": ["q"], "answer": ["a"]}), tmp_path / "x.parquet")
     with pytest.raises(VlmgraftError, match="Cauldron layout.*columns found.*answer"):
         len(open_mixture(str(tmp_path / "x.parquet"))[0][0])
     with pytest.raises(VlmgraftError, match="offline"):  # HF_HUB_OFFLINE=1 in conftest
         open_mixture({"path": "HuggingFaceM4/the_cauldron", "subsets": ["ai2d"]})
-
-
-def test_coco_grounding_tasks(tmp_path):
-    world = ShapesWorld(image_size=64, max_shapes=3, seed=5)
-    path = world.write(tmp_path, "coco", 30)
-    assert detect_format(str(path)) == "coco"
-    source = CocoSource(path, lang="en", task_weights={"caption": 0, "qa": 0, "detect": 1}, negative_rate=0.0)
-    for index in range(len(source)):
-        sample = source.get(index)
-        question, answer = sample.messages[0]["content"][1]["text"], sample.messages[1]["content"]
-        boxes = parse_boxes(answer)
-        assert boxes, answer
-        scene = world.scene(index)
-        kind = boxes[0].label
-        assert kind in question
-        truth = [s for s in scene.shapes if s.kind == kind]
-        assert len(boxes) == len(truth)
-        for box in boxes:  # every answer box matches a true box of that class
-            pixel = [b for b in box.to_pixels(64, 64)]
-            best = max(iou(box, _rel(t.box)) for t in truth)
-            assert best > 0.95 and all(0 <= v <= 64 for v in pixel)
-    negatives = CocoSource(path, lang="zh", task_weights={"caption": 0, "qa": 0, "detect": 1}, negative_rate=1.0)
-    for index in range(10):
-        sample = negatives.get(index)
-        assert sample.messages[1]["content"] == "<box>[]</box>"
-        asked = sample.messages[0]["content"][1]["text"]
-        present = {s.name("zh") for s in world.scene(index).shapes}
-        assert not any(name in asked for name in present)  # a negative asks about an absent class
-    mixed = CocoSource(path, lang="zh", turns=3, seed=1)
-    kinds = set()
-    for index in range(len(mixed)):
-        sample = mixed.get(index)
-        assert sum(1 for m in sample.messages if m["role"] == "assistant") == 3
-        for message in sample.messages[1::2]:
-            kinds.add("detect" if message["content"].startswith("<box>") else "text")
-    assert kinds == {"detect", "text"}
-    again = CocoSource(path, lang="zh", turns=3, seed=1)
-    assert _texts(again.get(7)) == _texts(mixed.get(7))  # deterministic by seed and image id
-
-
-def _rel(box):
-    from vlmgraft.grounding import Box, to_relative
-
-    return Box("", *to_relative(box, 64, 64))
-
-
-def test_coco_max_boxes_prompts_file_and_synonyms(tmp_path):
-    images = [{"id": 1, "file_name": "a.png", "width": 100, "height": 50}]
-    Image.new("RGB", (100, 50)).save(tmp_path / "a.png")
-    annotations = [{"id": i, "image_id": 1, "category_id": 1, "bbox": [i, 0, 5, 5]} for i in range(4)]
-    annotations.append({"id": 9, "image_id": 1, "category_id": 2, "bbox": [10, 10, 50, 20]})
-    path = tmp_path / "inst.json"
-    path.write_text(json.dumps({"images": images, "annotations": annotations,
-                                "categories": [{"id": 1, "name": "person"}, {"id": 2, "name": "dog"}]}))
-    extra = tmp_path / "prompts.yaml"
-    extra.write_text("prompts:\n  detect:\n    zh: ['把{label}都框出来']\nreplace_prompts: true\n"
-                     "synonyms:\n  dog: {zh: [小狗]}\n")
-    source = CocoSource(path, lang="zh", max_boxes=3, negative_rate=0.0, prompts=extra)
-    sample = source.get(0)  # 4 people > max_boxes: only the dog may be asked about
-    assert sample.messages[0]["content"][1]["text"] == "把小狗都框出来"
-    assert json.loads(sample.messages[1]["content"][5:-6]) == [{"label": "小狗", "box": [100, 200, 600, 600]}]
-    with pytest.raises(VlmgraftError, match="label"):
-        bad = tmp_path / "bad.json"
-        bad.write_text(json.dumps({"prompts": {"detect": {"en": ["no slot here"]}}}))
-        CocoSource(path, prompts=bad)
 
 
 def test_spec_detection_forcing_and_errors(tmp_path):

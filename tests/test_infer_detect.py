@@ -67,6 +67,29 @@ def test_detect_command_maps_the_answer_to_pixels_and_writes_a_png(tiny_graft, t
     assert Image.open(out).size == (640, 480)
 
 
+def test_detect_boxes_are_in_the_exif_upright_frame(tiny_graft, tmp_path, monkeypatch, capsys):
+    source = tmp_path / "phone.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 640×480, shown rotated a quarter clockwise: 480 wide, 640 tall
+    Image.new("RGB", (640, 480), (90, 140, 200)).save(source, exif=exif.tobytes())
+    sizes = []
+
+    def fake_generate(model, processor, conversations, images, **kwargs):
+        sizes.extend(i[0].size for i in images)
+        return [GenerationResult(format_boxes([{"label": "狗", "box": [100, 200, 500, 800]}]), None, "", 10, 5, "stop")]
+
+    monkeypatch.setattr("vlmgraft.infer.generate.generate", fake_generate)
+    out = tmp_path / "boxes.png"
+    assert main(["detect", str(tiny_graft), "--image", str(source), "--classes", "狗", "--json", "--out", str(out),
+                 "--device", "cpu"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert sizes == [(480, 640)] and (result["width"], result["height"]) == (480, 640)
+    assert result["boxes"][0]["box"] == [48, 128, 240, 512]  # 0.1·480, 0.2·640, 0.5·480, 0.8·640
+    assert Image.open(out).size == (480, 640)
+    found = detect_module.detect(None, None, Image.open(source), ["狗"])  # a raw sideways image is turned too
+    assert (found.width, found.height) == (480, 640) and found.boxes[0]["box"] == [48, 128, 240, 512]
+
+
 def test_detect_with_the_real_tiny_model_reports_an_unparseable_answer(tiny_graft, tmp_path, capsys):
     source = tmp_path / "scene.png"
     Image.new("RGB", (64, 48), (90, 140, 200)).save(source)

@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from vlmgraft.errors import VlmgraftError
+from vlmgraft.images import ImageError, ImagePolicy, load_image
 from vlmgraft.infer.generate import generate
-from vlmgraft.infer.images import ImageError, ImagePolicy, load_image
 from vlmgraft.infer.model import load_for_inference, pick_device, pick_dtype
 from vlmgraft.infer.prompts import ReasoningSplitter, render_prompt, split_reasoning, supports_thinking
 from vlmgraft.infer.textstream import TextStream

@@ -69,6 +69,10 @@ class _TableSource(Source):
     def _row_origin(self, row: int) -> str:
         return f"{self.path}[{row}]"
 
+    def _row_dir(self, row: int) -> Path | None:
+        """The folder a row's relative `{"path": ...}` images are stored next to (None: no folder of its own)."""
+        return None
+
     def _validate(self) -> None:
         table = self.table
         columns = set(table.column_names)
@@ -112,8 +116,8 @@ class _TableSource(Source):
     def to_sample(self, index: int, raw: dict) -> Sample:
         origin = self._row_origin(raw["row"])
         messages, refs = _row_messages(raw["data"], self.image_mode, origin)
-        return Sample(messages=messages, images=decode_images(refs, None, self.policy, origin), source=self.name,
-                      origin=origin)
+        images = decode_images(refs, self._row_dir(raw["row"]), self.policy, origin)
+        return Sample(messages=messages, images=images, source=self.name, origin=origin)
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -147,9 +151,15 @@ class ParquetSource(_TableSource):
         tables = [pq.read_table(f) for f in self.files]
         return pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
 
+    def _file_of(self, row: int) -> int:
+        return int(np.searchsorted(self._starts, row, side="right") - 1)
+
     def _row_origin(self, row: int) -> str:
-        file = int(np.searchsorted(self._starts, row, side="right") - 1)
+        file = self._file_of(row)
         return f"{self.files[file]}[{row - int(self._starts[file])}]"
+
+    def _row_dir(self, row: int) -> Path:
+        return Path(self.files[self._file_of(row)]).parent
 
     def __len__(self) -> int:
         if self.streaming:
@@ -184,6 +194,9 @@ class ArrowFolderSource(_TableSource):
         self.files = sorted(str(f) for f in Path(folder).glob("*.arrow"))
         if not self.files:
             raise VlmgraftError(f"{folder} looks like a `datasets` folder but holds no .arrow files")
+
+    def _row_dir(self, row: int) -> Path:
+        return Path(self.path)
 
     def _load_table(self):
         import pyarrow as pa

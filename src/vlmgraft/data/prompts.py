@@ -100,6 +100,10 @@ class PromptBook:
             raise VlmgraftError(f"no {lang!r} prompt templates for task {task!r}")
         return rng.choice(templates).format(**slots)
 
+    def has_name(self, category: str, lang: str) -> bool:
+        """Whether the tables give `category` a name in `lang` (else `label` falls back to the category's own)."""
+        return bool(self.synonyms.get(category, {}).get(lang) or self.synonyms.get(category.lower(), {}).get(lang))
+
     def label(self, category: str, lang: str, rng: random.Random) -> str:
         """A name for the category in `lang`: a random synonym, or the category's own name when none is known."""
         names = self.synonyms.get(category, {}).get(lang) or self.synonyms.get(category.lower(), {}).get(lang)

@@ -14,8 +14,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from vlmgraft.data.images import DEFAULT_POLICY, ImagePolicy, ImageSkipped, load_image
+from vlmgraft.data.images import DEFAULT_POLICY, ImagePolicy, skipping
 from vlmgraft.data.sample import Sample
+from vlmgraft.images import load_image
 
 IMAGE_TAG = "<image>"
 ROLES = ("system", "user", "assistant", "tool")
@@ -83,13 +84,8 @@ def count_image_tags(text: str, tag: str = IMAGE_TAG) -> int:
 
 def decode_images(refs: list, base_dir: Path | None, policy: ImagePolicy, origin: str) -> list:
     """Decode every image reference of a row; an ImageSkipped names the row as well as the image."""
-    images = []
-    for ref in refs:
-        try:
-            images.append(load_image(ref, base_dir, policy))
-        except ImageSkipped as err:
-            raise ImageSkipped(err.reason, f"{origin} {err.where}", err.detail) from err
-    return images
+    with skipping(origin):
+        return [load_image(ref, policy, base_dir) for ref in refs]
 
 
 def check_conversation(messages: list[dict], n_images: int, origin: str) -> None:

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 
 from vlmgraft.errors import VlmgraftError
-from vlmgraft.infer.images import ImageError, ImagePolicy, load_image
+from vlmgraft.images import ImageError, ImagePolicy, load_image
 from vlmgraft.infer.prompts import ReasoningSplitter
 
 HELP = "commands: /image PATH_OR_URL adds an image to your next message, /reset starts over, /exit quits"

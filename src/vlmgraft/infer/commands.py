@@ -102,21 +102,21 @@ def _detect(args) -> int:
     import json
 
     from vlmgraft.errors import VlmgraftError
+    from vlmgraft.images import ImageError, ImagePolicy, load_image
     from vlmgraft.infer.detect import detect, draw_boxes
-    from vlmgraft.infer.images import ImageError, ImagePolicy, load_image
     from vlmgraft.infer.model import load_for_inference
 
     classes = [c.strip() for c in args.classes.replace("，", ",").split(",") if c.strip()]
     if not classes:
         raise VlmgraftError("--classes is empty: give comma-separated names such as 苹果,狗")
     try:
-        image = load_image(args.image, ImagePolicy(allow_remote=args.allow_remote_images))
+        image = load_image(args.image, ImagePolicy(allow_remote=args.allow_remote_images, allow_local=True))
     except ImageError as err:
         raise VlmgraftError(f"--image {args.image!r}: {err}") from err
     model, processor = load_for_inference(args.model, args.device, args.dtype)
     found = detect(model, processor, image, classes, args.lang, args.max_new_tokens)
     if args.out:
-        draw_boxes(image, found.boxes).save(args.out, format="PNG")
+        draw_boxes(found.image, found.boxes).save(args.out, format="PNG")
     if args.json:
         print(json.dumps({"image": args.image, "width": found.width, "height": found.height, "classes": classes,
                           "parsed": found.parsed, "boxes": found.boxes, "raw": found.raw}, ensure_ascii=False))

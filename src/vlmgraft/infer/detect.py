@@ -1,7 +1,8 @@
 """`vlmgraft detect`: ask for boxes of named classes, map the 0–1000 answer to pixels, draw them.
 
-Coordinates in answers are relative to the image the user gave (0–1000 of its own width and height); the processor's
-resizing, tiling and padding never change that, so mapping back is a plain scale by the original size.
+Coordinates in answers are relative to the image as displayed (0–1000 of its own width and height, after its EXIF
+orientation is applied, as training saw it); the processor's resizing, tiling and padding never change that, so mapping
+back is a plain scale by that size, and boxes are drawn on that upright image.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from PIL import Image, ImageDraw, ImageFont
 
 from vlmgraft.grounding import Box, parse_boxes
+from vlmgraft.images import load_image
 
 _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]")
 
@@ -135,6 +137,7 @@ class Detection:
     parsed: bool  # every answer held a box list (possibly empty)
     width: int
     height: int
+    image: Image.Image | None = None  # the upright image the boxes are in
 
     @property
     def raw(self) -> str:
@@ -148,7 +151,8 @@ def detection_conversations(classes: list[str], lang: str | None = None) -> list
             for name in classes]
 
 
-def collect_detection(classes: list[str], answers: list[str], width: int, height: int) -> Detection:
+def collect_detection(classes: list[str], answers: list[str], width: int, height: int,
+                      image: Image.Image | None = None) -> Detection:
     """The answers to `detection_conversations` → pixel boxes of a `width` × `height` image."""
     boxes, parsed = [], True
     for name, answer in zip(classes, answers, strict=True):
@@ -156,14 +160,16 @@ def collect_detection(classes: list[str], answers: list[str], width: int, height
         parsed = parsed and found is not None
         for item in boxes_to_pixels(found or [], width, height):
             boxes.append(item | {"label": item["label"] or name})
-    return Detection(boxes, list(answers), parsed, width, height)
+    return Detection(boxes, list(answers), parsed, width, height, image)
 
 
 def detect(model, processor, image: Image.Image, classes: list[str], lang: str | None = None,
            max_new_tokens: int = 512) -> Detection:
-    """One question per class (as grounding data asks them), answered in one batch; boxes in original pixels."""
+    """One question per class (as grounding data asks them), answered in one batch; boxes in the upright image's
+    pixels (an image still carrying an EXIF orientation tag is turned first, as the loader turns every image)."""
     from vlmgraft.infer.generate import generate
 
+    image = load_image(image)
     results = generate(model, processor, detection_conversations(classes, lang), [[image]] * len(classes),
                        max_new_tokens=max_new_tokens, enable_thinking=False)
-    return collect_detection(classes, [r.text for r in results], *image.size)
+    return collect_detection(classes, [r.text for r in results], *image.size, image=image)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vlmgraft.errors import VlmgraftError
-from vlmgraft.infer.images import DEFAULT_MAX_IMAGE_BYTES, ImagePolicy
+from vlmgraft.images import DEFAULT_MAX_IMAGE_BYTES, ImagePolicy
 from vlmgraft.infer.limits import (
     DEFAULT_MAX_IMAGES,
     DEFAULT_MAX_PENDING_BYTES,

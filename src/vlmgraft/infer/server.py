@@ -23,8 +23,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from vlmgraft.images import ImageError, ImagePolicy, load_image
 from vlmgraft.infer import openai_api as api
-from vlmgraft.infer.images import ImageError, ImagePolicy, load_image
 from vlmgraft.infer.limits import BodyBudget, PixelTally, RequestLimits, check_image_count, declared_size
 from vlmgraft.infer.prompts import ReasoningSplitter, prepare, split_reasoning
 from vlmgraft.infer.sampling import SamplingParams

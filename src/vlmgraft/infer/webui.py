@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from vlmgraft.errors import VlmgraftError, require_extra
-from vlmgraft.infer.images import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_PIXELS, ImageError, ImagePolicy, load_image
+from vlmgraft.images import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_PIXELS, ImageError, ImagePolicy, load_image
 from vlmgraft.infer.prompts import ReasoningSplitter, default_thinking, prepare, supports_thinking
 from vlmgraft.infer.sampling import SamplingParams
 
