@@ -242,6 +242,7 @@ def train(config: TrainConfig, force: bool = False, callbacks: tuple = (), echo=
         skips = getattr(train_ds, "skips", None)
         summary = {"metrics": result.metrics, "trainable": counts, "vision_gaps": trainer.vision_gaps,
                    "data_events": dict(getattr(collator, "stats", {}) or {}),
+                   "empty_batches": dict(trainer.empty_batches),
                    "skipped": dict(skips) if skips is not None else {}}
         (out / "run_summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False, default=str))
         echo(data_report(train_ds, collator))
