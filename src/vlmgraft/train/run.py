@@ -22,6 +22,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from vlmgraft import hub
 from vlmgraft.errors import VlmgraftError
+from vlmgraft.graft.build import inside_output
 from vlmgraft.graft.families import family_for
 from vlmgraft.train.callbacks import CHECKPOINT_META, CheckpointMetadata, SampleAnswers
 from vlmgraft.train.config import TrainConfig, to_dict
@@ -53,6 +54,9 @@ class TrainResult:
 def _resolve_output(config: TrainConfig, force: bool) -> str | None:
     """Decide between a fresh run, a resume from the newest checkpoint, or a refusal."""
     out = Path(config.output_dir)
+    if hub.is_local(config.model) and inside_output(out, Path(config.model)):  # --force would delete it
+        raise VlmgraftError(f"output_dir {str(out)!r} is or contains the model to train ({config.model}); choose "
+                            f"another output_dir")
     if force and out.exists():
         shutil.rmtree(out)
     if not out.exists():
