@@ -19,7 +19,7 @@ from vlmgraft.graft.families import SMOLVLM
 from vlmgraft.train.config import TrainConfig
 from vlmgraft.train.run import train
 from vlmgraft.train.stages import prepare_model
-from vlmgraft.train.trainer import GraftTrainer
+from vlmgraft.train.trainer import GraftTrainer, label_only_loss
 
 WORLD = ShapesWorld(image_size=64, seed=5)
 
@@ -89,6 +89,9 @@ def test_an_empty_micro_batch_anywhere_in_an_accumulation_changes_nothing(tiny_g
     loss = trainer.training_step(model, {}, num_items_in_batch=None)
     assert float(loss) == 0 and all(p.grad is None for p in model.parameters())
     assert trainer.empty_batches["train"] == 1
+    alone = float(label_only_loss(model, real)[0])  # the token mean of the real micro-batch
+    loss = trainer.training_step(model, real, trainer._get_num_items_in_batch([{}, real], trainer.args.device))
+    assert float(loss) == pytest.approx(alone, rel=1e-5)  # as if the empty one were not there
 
 
 def _label_token_loss(model, batch) -> tuple[float, int]:
