@@ -114,7 +114,7 @@ def test_tool_calls_are_trained_and_tool_results_are_not(processor, tmp_path):
     sample = MessagesSource(tmp_path / "t.jsonl").get(0)
     encoded = VisionChatCollator(processor).encode(sample)
     runs = _trained_runs(processor.tokenizer, encoded.input_ids, encoded.labels)
-    assert runs == ['\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "北京"}}\n</tool_call><|im_end|>',
+    assert runs == ['<tool_call>\n{"name": "get_weather", "arguments": {"city": "北京"}}\n</tool_call><|im_end|>',
                     "晴天<|im_end|>"]
 
 
@@ -151,6 +151,62 @@ def test_think_block_of_the_last_turn_is_prompt_but_reasoning_is_trained(tiny_gr
     encoded = VisionChatCollator(processor).encode(sample)
     assert _trained_runs(processor.tokenizer, encoded.input_ids, encoded.labels)[-1] == \
         "<think>\nit is fine\n</think>\n\nyes<|im_end|>"
+
+
+def _tokenizer_render(processor, messages) -> str:
+    return processor.tokenizer.apply_chat_template(messages, tokenize=False)
+
+
+def test_the_qwen3_fixture_template_moves_inline_reasoning_as_qwen3_does(processor):
+    inline = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "<think>\nmull\n</think>\n\nhello"},
+              {"role": "user", "content": "how?"}, {"role": "assistant", "content": "<think>\n muse \n\n</think>fine"}]
+    split = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+             {"role": "user", "content": "how?"}, {"role": "assistant", "content": "fine", "reasoning_content": " muse "}]
+    text = _tokenizer_render(processor, inline)
+    assert text == _tokenizer_render(processor, split)  # inline reasoning is split off the content
+    assert "mull" not in text  # and dropped from turns before the last user query
+    assert text.endswith("<|im_start|>assistant\n<think>\n muse \n</think>\n\nfine<|im_end|>\n")
+
+
+def test_inline_reasoning_is_trained_in_every_turn_that_keeps_it(processor, tiny_dir, tmp_path):
+    from vlmgraft.graft.build import BuildOptions, build
+
+    image = WORLD.scene(5).image
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "colour?"}]},
+                {"role": "assistant", "content": "<think>\nit looks red\n</think>\n\n红色"},
+                {"role": "user", "content": [{"type": "text", "text": "weather?"}]},
+                {"role": "assistant", "content": "<think>\nask the tool\n</think>\n\n", "tool_calls": [
+                    {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "北京"}}}]},
+                {"role": "tool", "content": "晴"},
+                {"role": "assistant", "content": "<think>\nsunny\n</think>\n\n晴天"}]
+    collator = VisionChatCollator(processor)
+    encoded = collator.encode(Sample(messages=messages, images=[image], origin="inline"))
+    assert _trained_runs(processor.tokenizer, encoded.input_ids, encoded.labels) == [
+        "红色<|im_end|>",  # before the last query: the template dropped the reasoning, the answer is still trained
+        '<think>\nask the tool\n</think>\n\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "北京"}}'
+        "\n</tool_call><|im_end|>",
+        "<think>\nsunny\n</think>\n\n晴天<|im_end|>"]
+
+    out = tmp_path / "llama-graft"  # a template that leaves content as written trains it as written
+    build(BuildOptions(vision=str(tiny_dir / "donor"), llm=str(tiny_dir / "llama3"), out=out), log=lambda *_: None)
+    llama = AutoProcessor.from_pretrained(out)
+    encoded = VisionChatCollator(llama).encode(Sample(messages=messages[:2], images=[image]))
+    assert _trained_runs(llama.tokenizer, encoded.input_ids, encoded.labels) == \
+        ["<think>\nit looks red\n</think>\n\n红色<|eot_id|>"]
+
+
+def test_a_turn_the_template_rewrites_past_alignment_is_rejected_and_named(tiny_graft):
+    processor = AutoProcessor.from_pretrained(tiny_graft)
+    rewriting = THINKING_TEMPLATE.replace("{{- '<|im_start|>assistant\\n' }}",
+                                          "{{- '<|im_start|>assistant' + (' (asked back)' if message.content.endswith('?')"
+                                          " else '') + '\\n' }}")
+    assert rewriting != THINKING_TEMPLATE
+    processor.chat_template = extend_chat_template(rewriting, processor.image_token, processor.tokenizer.video_token)
+    collator = VisionChatCollator(processor)
+    sample = Sample(messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "why?"}],
+                    origin="asks.jsonl:3")
+    assert collator.encode(sample) is None
+    assert collator.stats["sample rejected: chat template rewrote an assistant turn"] == 1
 
 
 def _image_tokens(encoded, processor) -> int:

@@ -133,6 +133,18 @@ def test_finished_run_and_foreign_folder_are_not_overwritten(tiny_graft, vqa_dat
     assert (foreign / "notes.txt").read_text() == "mine"
 
 
+def test_force_never_deletes_the_model_being_trained(tiny_graft, vqa_data, tmp_path):
+    import shutil
+
+    model = tmp_path / "runs" / "graft"
+    shutil.copytree(tiny_graft, model)
+    files = sorted(p.name for p in model.iterdir())
+    for out in (model, model.parent):  # the model's own folder, and a folder holding it
+        with pytest.raises(VlmgraftError, match="is or contains the model to train"):
+            train(_config(model, vqa_data, out, max_steps=1), force=True, echo=lambda *_: None)
+        assert sorted(p.name for p in model.iterdir()) == files
+
+
 def test_finetune_checkpoint_is_a_peft_adapter_that_merge_folds(tiny_graft, vqa_data, tmp_path):
     from transformers import AutoModelForImageTextToText
 

@@ -56,10 +56,35 @@ def test_each_preset_trains_exactly_its_groups(tiny_dir, tiny_graft, stage, expe
         group = param_group(SMOLVLM, name)
         moved = not torch.equal(param, before[name])
         trains = group in expected or (tied and "lm_head" in expected and name.endswith("embed_tokens.weight"))
-        if not trains:
-            assert not moved, f"{stage}: {name} ({group}) changed"
-    moved_groups = {param_group(SMOLVLM, n) for n, p in model.named_parameters() if not torch.equal(p, before[n])}
-    assert "connector" in moved_groups
+        assert moved == trains, f"{stage}: {name} ({group}) {'changed' if moved else 'did not change'}"
+    head_before = before.get("lm_head.weight", before["model.text_model.embed_tokens.weight"])  # tied: one tensor
+    assert (not torch.equal(model.get_output_embeddings().weight, head_before)) == ("lm_head" in expected)
+
+
+def test_settings_that_would_do_nothing_are_warned_about(tiny_graft, caplog):
+    from vlmgraft.train.stages import optimizer_groups
+
+    config = TrainConfig(model="m", data="d", stage="align-head")
+    config.learning_rates.lm_head = 1e-3
+    model, _ = prepare_model(_model(tiny_graft), SMOLVLM, config)
+    assert model.config.tie_word_embeddings  # the fixture's LLM ties lm_head to its embeddings
+    with caplog.at_level("WARNING", logger="vlmgraft.train.stages"):
+        groups = optimizer_groups(model, SMOLVLM, config, set())
+    assert 1e-3 not in {g["lr"] for g in groups}  # the rate is indeed not applied...
+    assert any("learning_rates.lm_head" in r.message and "ties lm_head" in r.message for r in caplog.records)
+
+    caplog.clear()
+    config = TrainConfig(model="m", data="d", stage="finetune", train_groups=["connector", "vision", "llm"])
+    with caplog.at_level("WARNING", logger="vlmgraft.train.stages"):
+        prepare_model(_model(tiny_graft), SMOLVLM, config)
+    warned = " ".join(r.message for r in caplog.records)
+    assert "train_groups lists 'vision'" in warned and "train_groups lists 'llm'" in warned
+
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="vlmgraft.train.stages"):  # ...and the defaults warn about nothing
+        model, _ = prepare_model(_model(tiny_graft), SMOLVLM, TrainConfig(model="m", data="d", stage="finetune"))
+        optimizer_groups(model, SMOLVLM, TrainConfig(model="m", data="d", stage="finetune"), set())
+    assert not caplog.records
 
 
 def test_finetune_trains_lora_last_vision_layers_and_connector_only(tiny_graft):

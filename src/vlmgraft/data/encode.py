@@ -31,6 +31,10 @@ OVERFLOW = ("drop_turns", "fewer_tiles", "skip")
 LOSS_ON = ("assistant", "all")
 
 
+class UnalignedTurn(ValueError):
+    """The chat template changed an assistant turn beyond what `render.ChatRenderer` can follow."""
+
+
 @dataclass
 class Encoded:
     input_ids: np.ndarray  # int64 (L,)
@@ -64,6 +68,9 @@ class SampleEncoder:
                     origin: str = "", cache: dict | None = None) -> Encoded:
         """Render, expand and tokenise once (no length policy). `cache` keeps tiles across re-encodings."""
         rendered = self.renderer.render(messages, self.loss_on)
+        if rendered.unaligned:
+            raise UnalignedTurn(f"the chat template rewrote {rendered.unaligned} assistant turn(s) so that the "
+                                f"rendered text no longer contains them as written; no loss span could be placed")
         text, spans = rendered.text, rendered.spans
         pieces, image_ranges, shifts, tiles, cursor, length = [], [], [], [], 0, 0
         cache = {} if cache is None else cache
@@ -126,7 +133,11 @@ class SampleEncoder:
             self.stats.add("sample rejected: image token string inside text", origin)
             return None
         cache: dict = {}
-        encoded = self.encode_once(sample.messages, sample.images, None, origin, cache)
+        try:
+            encoded = self.encode_once(sample.messages, sample.images, None, origin, cache)
+        except UnalignedTurn as err:
+            self.stats.add("sample rejected: chat template rewrote an assistant turn", f"{origin}: {err}")
+            return None
         if not (encoded.labels != IGNORE).any():  # e.g. no assistant turn: it would only add a NaN-prone zero
             self.stats.add("sample rejected: no token carries loss", origin)
             return None

@@ -20,7 +20,7 @@ from safetensors import safe_open
 from vlmgraft.errors import VlmgraftError
 from vlmgraft.export import checkpoints
 from vlmgraft.export.parity import compare, logits_for, parity_inputs
-from vlmgraft.graft.build import DTYPES, guard_output
+from vlmgraft.graft.build import DTYPES, guard_output, inside_output
 from vlmgraft.infer.prompts import recorded_thinking
 
 REPORT_NAME = "merge_report.json"
@@ -43,7 +43,7 @@ def _guard_paths(out: Path, ckpt: checkpoints.Checkpoint) -> None:
     """--force deletes --out first: it must never be (or contain) the checkpoint or the base being read."""
     out = out.resolve()
     for source in (ckpt.folder, Path(ckpt.base) if ckpt.base and Path(ckpt.base).is_dir() else None):
-        if source is not None and (out == source.resolve() or out in source.resolve().parents):
+        if source is not None and inside_output(out, source):
             raise VlmgraftError(f"--out {str(out)!r} would overwrite the model being merged ({source}); "
                                 f"choose another folder")
 

@@ -50,6 +50,12 @@ class BuildOptions:
     image_size: int | None = None  # SigLIP2 NaFlex donors: the fixed resolution to convert to (None: native grid)
 
 
+def inside_output(out: Path, source: Path) -> bool:
+    """Whether deleting `out` would delete `source`: it is that folder or lies inside it."""
+    out, source = out.expanduser().resolve(), source.expanduser().resolve()
+    return out == source or out in source.parents
+
+
 def guard_output(out: Path, force: bool) -> None:
     """Never overwrite a non-empty folder unless asked to."""
     if out.exists() and any(out.iterdir()):

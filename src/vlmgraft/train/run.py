@@ -22,6 +22,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from vlmgraft import hub
 from vlmgraft.errors import VlmgraftError
+from vlmgraft.graft.build import inside_output
 from vlmgraft.graft.families import family_for
 from vlmgraft.train.callbacks import CHECKPOINT_META, CheckpointMetadata, SampleAnswers
 from vlmgraft.train.config import TrainConfig, to_dict
@@ -53,6 +54,9 @@ class TrainResult:
 def _resolve_output(config: TrainConfig, force: bool) -> str | None:
     """Decide between a fresh run, a resume from the newest checkpoint, or a refusal."""
     out = Path(config.output_dir)
+    if hub.is_local(config.model) and inside_output(out, Path(config.model)):  # --force would delete it
+        raise VlmgraftError(f"output_dir {str(out)!r} is or contains the model to train ({config.model}); choose "
+                            f"another output_dir")
     if force and out.exists():
         shutil.rmtree(out)
     if not out.exists():
@@ -248,6 +252,7 @@ def train(config: TrainConfig, force: bool = False, callbacks: tuple = (), echo=
         skips = getattr(train_ds, "skips", None)
         summary = {"metrics": result.metrics, "trainable": counts, "vision_gaps": trainer.vision_gaps,
                    "data_events": dict(getattr(collator, "stats", {}) or {}),
+                   "empty_batches": dict(trainer.empty_batches),
                    "skipped": dict(skips) if skips is not None else {}}
         (out / "run_summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False, default=str))
         echo(data_report(train_ds, collator))

@@ -105,6 +105,12 @@ def apply_lora(model, family: DonorFamily, plan: StagePlan, config: TrainConfig)
     """Wrap with PEFT: LoRA/DoRA on the LLM's projections; trainable non-LoRA modules become `modules_to_save`."""
     from peft import LoraConfig, get_peft_model
 
+    for group, instead in (("vision", f"only its last {plan.vision_layers} layers and post-layernorm train "
+                                      f"(vision_trainable_layers)"),
+                           ("llm", "it trains through its LoRA adapters only")):
+        if group in plan.groups:
+            log.warning(f"train_groups lists {group!r}, which stage {plan.stage!r} (LoRA) does not train in full: "
+                        f"{instead}. Use stage 'full' to train every weight of it.")
     targets = "|".join(config.lora.targets)
     llm_prefix = family.llm.replace(".", r"\.")
     modules_to_save = []
@@ -164,13 +170,30 @@ def optimizer_groups(model, family: DonorFamily, config: TrainConfig, decay_name
     """AdamW parameter groups: per module group learning rate, LoRA+ for B matrices, no decay on norms/biases."""
     rates = config.learning_rates
     buckets: dict[tuple[float, float], list] = {}
+    trained: set[str] = set()
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         group = param_group(family, name)
+        trained.add(group)
         lr = getattr(rates, group) or config.learning_rate
         if ".lora_B." in name:
             lr *= config.lora.loraplus_ratio
         wd = config.weight_decay if name in decay_names else 0.0
         buckets.setdefault((lr, wd), []).append(param)
+    _warn_unused_rates(model, rates, trained)
     return [{"params": params, "lr": lr, "weight_decay": wd} for (lr, wd), params in buckets.items()]
+
+
+def _warn_unused_rates(model, rates, trained: set[str]) -> None:
+    """A group learning rate that no trained parameter takes would otherwise be ignored without a word."""
+    for group in GROUPS:
+        if getattr(rates, group) is None or group in trained:
+            continue
+        if group == "lm_head" and getattr(unwrap_model(model).config, "tie_word_embeddings", False):
+            log.warning(f"learning_rates.lm_head ({rates.lm_head:g}) is ignored: this model ties lm_head to the input "
+                        f"embeddings, so the shared matrix is one parameter of the 'llm' group and trains at "
+                        f"learning_rates.llm or learning_rate.")
+        else:
+            log.warning(f"learning_rates.{group} ({getattr(rates, group):g}) is ignored: no trained parameter belongs "
+                        f"to the {group!r} group in this stage.")

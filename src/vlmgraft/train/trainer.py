@@ -9,6 +9,11 @@
    and run SDPA even in a packed run whose LLM otherwise attends with flex attention.
 4. The does-it-see probe: at each evaluation, the eval loss with the real images vs. the same batches with the
    images replaced by noise. A graft whose images never reach the LLM shows a gap of ~0 — the classic silent failure.
+
+Two more things the stock Trainer gets wrong for this data. A micro-batch whose samples were all skipped (unreadable
+images, no loss token) arrives as `{}`: it is skipped and counted in `empty_batches` in training, evaluation and the
+probe, at any batch size and gradient accumulation. And the eval loss (and the probe's) is weighted by label tokens
+like the training loss, not a mean of per-batch means.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import Counter
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +30,7 @@ from transformers.trainer_callback import ProgressCallback
 
 from vlmgraft.data.collate import LossPlan
 from vlmgraft.data.encode import IGNORE
+from vlmgraft.errors import VlmgraftError
 from vlmgraft.graft.families import DonorFamily
 from vlmgraft.train.callbacks import ProgressWithRates
 from vlmgraft.train.config import TrainConfig
@@ -105,8 +112,24 @@ def noise_like_images(pixel_values: torch.Tensor) -> torch.Tensor:
     return torch.where(real[..., None, None, None], noise, torch.zeros_like(pixel_values))
 
 
+def refuse_data_parallel(n_gpu: int) -> None:
+    """The Trainer wraps a model in `torch.nn.DataParallel` when one process sees several GPUs. DataParallel splits
+    every tensor argument of the forward along dimension 0, the 1-D `logits_to_keep` index of labelled columns
+    included, so each replica would score other columns than its rows' labels; the image features are placed outside
+    the forward and would not be split at all."""
+    if n_gpu > 1:
+        raise VlmgraftError(f"this process sees {n_gpu} GPUs but was not launched distributed, so the Trainer would "
+                            f"use torch.nn.DataParallel, which vlmgraft does not support (it would split the index "
+                            f"of labelled positions across GPUs). Start one process per GPU: torchrun "
+                            f"--nproc_per_node {n_gpu} -m vlmgraft.cli train CONFIG.yaml, or train on one GPU "
+                            f"with CUDA_VISIBLE_DEVICES=0.")
+
+
 class GraftTrainer(Trainer):
     def __init__(self, *args, family: DonorFamily, graft_config: TrainConfig, probe_batches: int = 4, **kwargs):
+        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if training_args is not None:  # before the Trainer places the model on the GPUs
+            refuse_data_parallel(training_args.n_gpu)
         super().__init__(*args, **kwargs)
         if any(type(c) is ProgressCallback for c in self.callback_handler.callbacks):  # not in notebooks
             self.remove_callback(ProgressCallback)
@@ -121,11 +144,15 @@ class GraftTrainer(Trainer):
         self._tiles_stream: torch.cuda.Stream | None = None  # made at the first CUDA batch
         self._fused_normalize = compile_enabled(graft_config.compile)
         self._parameter_count: tuple | None = None  # (model, count) for floating_point_ops
+        self.empty_batches: Counter = Counter()  # micro-batches whose samples were all skipped, by phase
+        self._eval_sum = self._eval_tokens = 0.0  # summed label-token loss and label tokens of one evaluation
 
     # -- loss ---------------------------------------------------------------------------------------------------
     def _prepare_inputs(self, inputs):
+        if not inputs:  # every sample was skipped; the Trainer would raise on an empty batch
+            return inputs
         # uint8 tiles (the collator's fast path) are normalised on the device, not in the DataLoader workers.
-        if inputs and not isinstance(inputs.get("pixel_values", None), (torch.Tensor, type(None))):
+        if not isinstance(inputs.get("pixel_values", None), (torch.Tensor, type(None))):
             dtype = torch.bfloat16 if self.args.bf16 else None
             inputs = self.data_collator.to_device(inputs, self.args.device, dtype, copy_stream=self._copy_stream(),
                                                   fused=self._fused_normalize)
@@ -138,23 +165,80 @@ class GraftTrainer(Trainer):
             self._tiles_stream = torch.cuda.Stream(self.args.device)
         return self._tiles_stream
 
+    def _get_num_items_in_batch(self, batch_samples: list, device):
+        # The label tokens of one optimiser step, over its non-empty micro-batches: the stock count reads "labels"
+        # from every batch, and decides from the first one alone whether to count at all.
+        real = [b for b in batch_samples if b]
+        if not real and self.args.world_size > 1:
+            real = [{"labels": torch.full((1, 1), IGNORE)}]  # zero items, still gathered with the other processes
+        return super()._get_num_items_in_batch(real, device)
+
     def training_step(self, model, inputs, num_items_in_batch=None):
+        if not inputs:
+            self.empty_batches["train"] += 1
+            if self.args.world_size == 1:  # nothing to learn and no other process to keep in step with
+                return torch.zeros((), device=self.args.device)
+            inputs = self._stand_in_batch()
         mark_cuda_graph_step(model)
         with sdpa_for_unpacked_rows(model, inputs):
             return super().training_step(model, inputs, num_items_in_batch)
 
+    def _stand_in_batch(self) -> dict:
+        """One padding token without a label, for a process whose micro-batch is empty while the others train: it
+        must still run the wrapped forward and a backward, or the others wait in the gradient all-reduce."""
+        pad = getattr(self.processing_class, "tokenizer", self.processing_class).pad_token_id or 0
+        return {"input_ids": torch.full((1, 1), pad), "labels": torch.full((1, 1), IGNORE), "stand_in": True}
+
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        if not inputs:
+            self.empty_batches["eval"] += 1
+            return None, None, None
         mark_cuda_graph_step()
-        with sdpa_for_unpacked_rows(model, inputs):
-            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        if not prediction_loss_only:
+            with sdpa_for_unpacked_rows(model, inputs):
+                return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager(), sdpa_for_unpacked_rows(model, inputs):
+            loss, count = self._label_only_loss(model, inputs)
+        loss = loss.detach()
+        self._eval_sum += loss * count  # summed on the device: no read-back per batch
+        self._eval_tokens += count
+        return loss, None, None
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix: str = "eval"):
+        """The stock loop, with `{prefix}_loss` weighted by label tokens over all processes: the stock value repeats
+        each batch's mean loss `eval_batch_size` times, so a batch with few answer tokens counts as much as one
+        with many, and checkpoints were picked by a different loss than the one trained."""
+        self._eval_sum = self._eval_tokens = 0.0
+        empty_before = self.empty_batches["eval"]
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                         metric_key_prefix)
+        prediction_loss_only = self.args.prediction_loss_only if prediction_loss_only is None else prediction_loss_only
+        if prediction_loss_only:
+            totals = torch.tensor([float(self._eval_sum), float(self._eval_tokens)], device=self.args.device)
+            if self.args.world_size > 1:
+                totals = self.accelerator.reduce(totals, reduction="sum")
+            total, tokens = totals.tolist()
+            if not tokens:
+                log.warning(f"{description}: no label token in any batch ({self.empty_batches['eval'] - empty_before} "
+                            f"empty batches: all their samples were skipped); {metric_key_prefix}_loss is NaN")
+            output.metrics[f"{metric_key_prefix}_loss"] = total / tokens if tokens else float("nan")
+        if self.empty_batches["eval"] > empty_before:
+            output.metrics[f"{metric_key_prefix}_empty_batches"] = self.empty_batches["eval"] - empty_before
+        return output
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if not inputs:  # every sample of this batch was skipped (unreadable images): a step that changes nothing
-            loss = sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
+        if inputs.get("stand_in"):  # see _stand_in_batch: a zero loss on every trained parameter
+            inputs = {k: v for k, v in inputs.items() if k != "stand_in"}
+            logits = model(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False).logits
+            loss = logits.sum() * 0.0 + sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
             return (loss, {"loss": loss}) if return_outputs else loss
         if model.training:
             self._count(inputs)
         loss, _ = self._label_only_loss(model, inputs, num_items_in_batch)
+        if model.training and not loss.requires_grad:  # e.g. a text-only batch while only the connector trains
+            loss = loss + sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # the item count was summed over processes
         return (loss, {"loss": loss}) if return_outputs else loss
@@ -201,6 +285,8 @@ class GraftTrainer(Trainer):
             elapsed = max(time.perf_counter() - self._window_start, 1e-9)
             logs["samples_per_second"] = round(self._samples / elapsed, 2)
             logs["tokens_per_second"] = round(self._tokens / elapsed, 1)
+            if self.empty_batches["train"]:
+                logs["empty_batches"] = self.empty_batches["train"]  # so far in the run
             self._tokens = self._samples = 0
             self._window_start = time.perf_counter()
         super().log(logs, start_time)
@@ -213,23 +299,27 @@ class GraftTrainer(Trainer):
         was_training = model.training
         model.eval()
         real = noise = 0.0
-        batches = 0
+        batches = tokens = 0
         for batch in loader:
             if batches >= self.probe_batches:
                 break
+            if not batch:
+                self.empty_batches["probe"] += 1
+                continue
             mark_cuda_graph_step()
             batch = self._prepare_inputs(batch)
             if "pixel_values" not in batch:
                 continue
             with self.compute_loss_context_manager(), sdpa_for_unpacked_rows(model, batch):
-                real += float(self._label_only_loss(model, batch)[0])
+                loss, count = self._label_only_loss(model, batch)
+                real += loss * count  # token-weighted, as training and evaluation are
                 noisy = dict(batch, pixel_values=noise_like_images(batch["pixel_values"]))
-                noise += float(self._label_only_loss(model, noisy)[0])
-            batches += 1
+                noise += self._label_only_loss(model, noisy)[0] * count
+            batches, tokens = batches + 1, tokens + count
         model.train(was_training)
-        if not batches:
+        if not tokens:
             return {}
-        result = {"probe_loss_real_images": real / batches, "probe_loss_noise_images": noise / batches}
+        result = {"probe_loss_real_images": float(real) / tokens, "probe_loss_noise_images": float(noise) / tokens}
         result["vision_gap"] = result["probe_loss_noise_images"] - result["probe_loss_real_images"]
         return result
 
