@@ -223,12 +223,12 @@ def test_progress_bar_shows_the_last_loss_and_rates_beside_its_eta():
 
 
 def test_qlora_on_cpu_is_a_clear_error(tiny_graft):
-    from vlmgraft.train.run import _load_model
+    from vlmgraft.train.run import load_model
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA; the error is for CPU-only machines")
     with pytest.raises(VlmgraftError, match="CUDA"):
-        _load_model(TrainConfig(model=str(tiny_graft), data="d", quantize_4bit=True))
+        load_model(TrainConfig(model=str(tiny_graft), data="d", quantize_4bit=True))
 
 
 def test_shipped_example_configs_load():

@@ -117,18 +117,18 @@ class TrainConfig:
     chord: dict = field(default_factory=dict)
 
 
-def _coerce(value, annotation, key: str):
+def coerce(value, annotation, key: str):
     """Turn a YAML/CLI value into the dataclass field's type (ints, floats, bools, lists, optionals)."""
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if origin in (typing.Union, types.UnionType):
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             return None
-        return _coerce(value, next(a for a in args if a is not type(None)), key)
+        return coerce(value, next(a for a in args if a is not type(None)), key)
     if origin is list:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
-        return [_coerce(v, args[0], key) for v in value]
+        return [coerce(v, args[0], key) for v in value]
     if annotation is bool:
         if isinstance(value, bool):
             return value
@@ -165,7 +165,7 @@ def _apply(obj, mapping: dict, prefix: str = "") -> None:
                 raise VlmgraftError(f"config key {dotted!r} must be a mapping")
             setattr(obj, key, {**current, **{str(k).replace("-", "_"): v for k, v in value.items()}})
         else:
-            setattr(obj, key, _coerce(value, hints[key], dotted))
+            setattr(obj, key, coerce(value, hints[key], dotted))
 
 
 def parse_overrides(args: list[str]) -> dict:

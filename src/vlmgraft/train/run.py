@@ -51,7 +51,7 @@ class TrainResult:
     trainable: dict
 
 
-def _resolve_output(config: TrainConfig, force: bool) -> str | None:
+def resolve_output(config: TrainConfig, force: bool) -> str | None:
     """Decide between a fresh run, a resume from the newest checkpoint, or a refusal."""
     out = Path(config.output_dir)
     if hub.is_local(config.model) and inside_output(out, Path(config.model)):  # --force would delete it
@@ -77,7 +77,7 @@ def _use_bf16(config: TrainConfig) -> bool:
     return config.bf16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
-def _load_model(config: TrainConfig):
+def load_model(config: TrainConfig):
     dtype = torch.bfloat16 if _use_bf16(config) else torch.float32
     attention = attention_for(config.attn_implementation, config.data_settings.packing)
     kwargs = {"dtype": dtype, "attn_implementation": attention}
@@ -109,7 +109,7 @@ def _checkpointing_arguments(enabled: bool) -> dict:
     return {name: True, f"{name}_kwargs": {"use_reentrant": False}}
 
 
-def _training_arguments(config: TrainConfig, has_eval: bool) -> TrainingArguments:
+def training_arguments(config: TrainConfig, has_eval: bool) -> TrainingArguments:
     use_bf16 = _use_bf16(config)
     workers = loader_workers(config.data_settings.num_workers, torch.cuda.is_available())
     return TrainingArguments(
@@ -193,11 +193,11 @@ def train(config: TrainConfig, force: bool = False, callbacks: tuple = (), echo=
         from vlmgraft.train.rl.runner import run_post_training
 
         return run_post_training(config, force, callbacks, echo)
-    resume_from = _resolve_output(config, force)
+    resume_from = resolve_output(config, force)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "run_config.yaml").write_text(yaml.safe_dump(to_dict(config), allow_unicode=True, sort_keys=False))
-    model, processor = _load_model(config)
+    model, processor = load_model(config)
     family = family_for(model.config.model_type)
     model, plan = prepare_model(model, family, config)
     table, counts = trainable_table(model, family)
@@ -221,7 +221,7 @@ def train(config: TrainConfig, force: bool = False, callbacks: tuple = (), echo=
 
     train_ds, eval_ds = _datasets(config)
     collator = _collator(processor, config)
-    args = _training_arguments(config, has_eval=eval_ds is not None and len(eval_ds) > 0)
+    args = training_arguments(config, has_eval=eval_ds is not None and len(eval_ds) > 0)
     echo(f"data: {args.dataloader_num_workers} loader workers (data_settings.num_workers: "
          f"{config.data_settings.num_workers})")
     base_model = config.model

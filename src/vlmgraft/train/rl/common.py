@@ -14,7 +14,7 @@ import typing
 from transformers import TrainingArguments
 
 from vlmgraft.errors import VlmgraftError
-from vlmgraft.train.config import TrainConfig, _coerce
+from vlmgraft.train.config import TrainConfig, coerce
 from vlmgraft.train.stages import optimizer_groups
 
 
@@ -22,9 +22,9 @@ def trl_config(cls, config: TrainConfig, section: str, has_eval: bool, own_keys:
                **defaults):
     """`cls` (a TRL config class) with the run's TrainingArguments, then `defaults`, then the `section` settings
     (minus `own_keys`, which are vlmgraft's, not TRL's)."""
-    from vlmgraft.train.run import _training_arguments
+    from vlmgraft.train.run import training_arguments
 
-    base = _training_arguments(config, has_eval)
+    base = training_arguments(config, has_eval)
     values = {f.name: getattr(base, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
     values.update(defaults)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
@@ -53,7 +53,7 @@ def _coerce_loose(value, annotation, key: str):
     for candidate in (bool, int, float, list):
         if candidate in args or typing.get_origin(annotation) is candidate:
             try:
-                return _coerce(value, candidate if candidate is not list else list[str], key)
+                return coerce(value, candidate if candidate is not list else list[str], key)
             except VlmgraftError:
                 continue
     return value

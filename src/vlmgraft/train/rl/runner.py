@@ -38,17 +38,17 @@ def _builder(stage: str):
 
 
 def run_post_training(config: TrainConfig, force: bool = False, callbacks: tuple = (), echo=print):
-    from vlmgraft.train.run import TrainResult, _load_model, _resolve_output
+    from vlmgraft.train.run import TrainResult, load_model, resolve_output
 
     if config.stage not in STAGES:
         raise VlmgraftError(f"stage {config.stage!r} is not a post-training stage ({', '.join(STAGES)})")
     # Post-training batches are padded rows, never packed: SDPA, not the flex attention of packed runs on CUDA.
     config.data_settings.packing = False
-    resume_from = _resolve_output(config, force)
+    resume_from = resolve_output(config, force)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "run_config.yaml").write_text(yaml.safe_dump(to_dict(config), allow_unicode=True, sort_keys=False))
-    model, processor = _load_model(config)
+    model, processor = load_model(config)
     family = family_for(model.config.model_type)
     model, plan = prepare_model(model, family, config)
     table, counts = trainable_table(model, family)
