@@ -15,8 +15,11 @@ header, the empty think block) carries no loss; a non-empty `reasoning_content` 
 Reasoning written inline (`<think>…</think>` at the start of `content`) gets a marker of its own in the skeleton,
 with the `<think>` tags and whitespace around it kept, and the answer after `</think>` another. A template that moves
 the block out of `content` (Qwen3 re-renders it in its own think block, or drops it from turns before the last user
-query) then does the same to the skeleton, and the reasoning is trained from its `<think>` on wherever it lands. A
-turn whose span still cannot be found is counted in `Rendered.unaligned` rather than silently left untrained.
+query) then does the same to the skeleton, and the reasoning is trained from its `<think>` on wherever it lands.
+An empty answer (only tool calls, say) ends at its turn's closing string: templates format what follows an empty
+content differently from what follows a marker (Qwen3 writes no newline before a tool call then). A turn whose span
+still cannot be found is counted in `Rendered.unaligned` (the encoder rejects the sample, naming the cause) rather
+than silently left untrained.
 """
 
 from __future__ import annotations
@@ -26,8 +29,6 @@ from dataclasses import dataclass
 
 MARK = "\u27eavg:{}\u27eb"  # ⟪vg:3⟫ — no template trims or escapes these characters
 MARK_RE = re.compile("\u27eavg:(\\d+)\u27eb")
-
-
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
@@ -151,9 +152,7 @@ class ChatRenderer:
                 break  # the template rendered something unexpected; keep the spans found so far
             start = pos + len(before)
             think = before.rfind(THINK_OPEN)
-            if kind == "answer" and not piece.strip():
-                # An empty answer: templates format what follows it differently from what follows the marker
-                # (Qwen3 writes no newline before a tool call then), so the turn ends at its own closing string.
+            if kind == "answer" and not piece.strip():  # see the module docstring: up to its closing string
                 closing = text.find(self.closing, start) if self.closing and self.closing in after else -1
                 if closing < 0:
                     break
