@@ -65,6 +65,7 @@ def expected_text(folder, arch) -> dict[str, torch.Tensor]:
     return found
 
 
+@pytest.mark.slow
 def test_text_gguf_holds_the_graft_text_model_weights_in_f16(exported, tiny_graft):
     out, report = exported
     got = read_tensors(out / gguf_export.TEXT_FILE)
@@ -76,6 +77,7 @@ def test_text_gguf_holds_the_graft_text_model_weights_in_f16(exported, tiny_graf
     assert report["text"]["architecture"] == "qwen3" and report["problems"] == []
 
 
+@pytest.mark.slow
 def test_text_gguf_vocabulary_names_reused_vision_ids_as_mtmd_expects(exported, tiny_graft):
     from transformers import AutoTokenizer
 
@@ -97,6 +99,7 @@ def test_text_gguf_vocabulary_names_reused_vision_ids_as_mtmd_expects(exported, 
     assert field(out / gguf_export.TEXT_FILE, "tokenizer.ggml.pre") == "qwen2"
 
 
+@pytest.mark.slow
 def test_mmproj_gguf_holds_vision_tower_and_connector_with_smolvlm_settings(exported, tiny_graft):
     out, report = exported
     path = out / gguf_export.MMPROJ_FILE
@@ -123,6 +126,7 @@ def test_mmproj_gguf_holds_vision_tower_and_connector_with_smolvlm_settings(expo
     assert report["mmproj"]["tensors"] == len(want)
 
 
+@pytest.mark.slow
 def test_untied_graft_exports_lm_head_and_q8_0(tiny_dir, llama_cpp_tree, tmp_path):
     from vlmgraft.graft.build import BuildOptions, build
 
@@ -147,6 +151,7 @@ def test_untied_graft_exports_lm_head_and_q8_0(tiny_dir, llama_cpp_tree, tmp_pat
         gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32}
 
 
+@pytest.mark.slow
 def test_export_refuses_to_overwrite_and_non_smolvlm_models(exported, tiny_dir, llama_cpp_tree, tiny_graft):
     out, _ = exported
     with pytest.raises(VlmgraftError, match="--force"):
