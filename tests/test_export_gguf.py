@@ -75,6 +75,7 @@ def test_text_gguf_holds_the_graft_text_model_weights_in_f16(exported, tiny_graf
     for name, value in want.items():
         torch.testing.assert_close(torch.from_numpy(got[name]), value.half().float(), msg=name)
     assert report["text"]["architecture"] == "qwen3" and report["problems"] == []
+    assert report["mtmd_differences"] == []
 
 
 @pytest.mark.slow
@@ -196,3 +197,24 @@ def test_pre_tokenizer_fallback_recognises_only_known_split_regexes(tiny_dir):
     changed["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] += "|x"
     assert known_pre_tokenizer(changed) is None
     assert known_pre_tokenizer({"pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False}}) is None
+
+
+def test_processor_settings_mtmd_cannot_follow_are_reported(tiny_graft):
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tiny_graft)
+    config = json.loads((tiny_graft / "config.json").read_text())
+    assert gguf_export.mtmd_differences(processor, config) == []
+    processor.image_processor.do_image_splitting = False
+    processor.image_processor.max_image_size = {"longest_edge": 2 * config["vision_config"]["image_size"]}
+    notes = gguf_export.mtmd_differences(processor, config)
+    assert len(notes) == 2 and "tiles" in notes[0] and "px" in notes[1]
+
+
+def test_cli_export_gguf_without_converter_source_explains(monkeypatch, tiny_graft, tmp_path, capsys):
+    from vlmgraft.cli import main
+
+    monkeypatch.delenv(gguf_source.ENV, raising=False)
+    assert main(["export", "gguf", str(tiny_graft), "--out", str(tmp_path / "out")]) == 2
+    assert "--llama-cpp" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

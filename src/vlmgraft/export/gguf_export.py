@@ -127,6 +127,21 @@ def mtmd_renames(processor) -> dict[int, tuple[str, str]]:
     return renames
 
 
+def mtmd_differences(processor, config: dict) -> list[str]:
+    """Where mtmd will prepare images differently from the graft's processor (it always tiles, at the tower's size)."""
+    image_processor = getattr(processor, "image_processor", None)
+    notes = []
+    if image_processor is not None and not getattr(image_processor, "do_image_splitting", True):
+        notes.append("the graft's processor does not split images into tiles, while mtmd always sends the tiles "
+                     "and an overview")
+    tile = (getattr(image_processor, "max_image_size", None) or {}).get("longest_edge")
+    size = (config.get("vision_config") or {}).get("image_size")
+    if tile and size and tile != size:
+        notes.append(f"the graft's processor cuts {tile} px tiles, mtmd cuts tiles of the vision tower's "
+                     f"image_size ({size} px)")
+    return notes
+
+
 def _missing_newlines(tokenizer) -> list[str]:
     """Newline runs mtmd looks up as one token each that this vocabulary splits (mtmd then has no id for them)."""
     return [text for text in MTMD_NEWLINES if len(tokenizer.encode(text, add_special_tokens=False)) != 1]
@@ -242,6 +257,7 @@ def export_gguf(source: str, out: Path, outtype: str = "f16", llama_cpp: str | N
         folder = _full_folder(ckpt, Path(staging), log)
         config = _read_config(folder)
         _require_smolvlm(folder, config)
+        differences = mtmd_differences(processor, config)
         staged = stage_text_model(folder, config, Path(staging) / "text")
         name = Path(source).resolve().name
         log(f"converting the text model with {tree / 'convert_hf_to_gguf.py'} ({outtype})")
@@ -252,10 +268,12 @@ def export_gguf(source: str, out: Path, outtype: str = "f16", llama_cpp: str | N
     report = {"source": str(ckpt.folder), "llama_cpp": str(tree), "outtype": outtype, "mmproj_outtype": "f16",
               "files": {"text": TEXT_FILE, "mmproj": MMPROJ_FILE},
               "renamed_tokens": {str(k): {"graft": old, "gguf": new} for k, (old, new) in renames.items()},
-              **check, "commands": commands(out), "seconds": round(time.perf_counter() - start, 2)}
+              **check, "mtmd_differences": differences, "commands": commands(out), "seconds": round(time.perf_counter() - start, 2)}
     (out / REPORT).write_text(json.dumps(report, indent=2, ensure_ascii=False))
     if check["problems"]:
         raise VlmgraftError("the GGUF files do not hold what was converted: " + "; ".join(check["problems"]))
+    for note in differences:
+        log(f"warning: llama.cpp will not see images as this graft was trained to: {note}")
     for token_id, (old, new) in renames.items():
         log(f"token {token_id} {old!r} is named {new!r} in {TEXT_FILE}, as llama.cpp's mtmd expects")
     log(f"saved {TEXT_FILE} ({check['text']['tensors']} tensors), {MMPROJ_FILE} ({check['mmproj']['tensors']} "
