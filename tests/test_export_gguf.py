@@ -218,3 +218,22 @@ def test_cli_export_gguf_without_converter_source_explains(monkeypatch, tiny_gra
     assert main(["export", "gguf", str(tiny_graft), "--out", str(tmp_path / "out")]) == 2
     assert "--llama-cpp" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_adapter_checkpoint_is_merged_before_conversion(tiny_graft, llama_cpp_tree, tmp_path):
+    from test_export_merge import make_adapter_checkpoint
+
+    from vlmgraft.export.checkpoints import load_model
+
+    ckpt = make_adapter_checkpoint(tiny_graft, tmp_path / "ckpt", dora=False)
+    out = tmp_path / "gguf"
+    gguf_export.export_gguf(str(ckpt), out, llama_cpp=str(llama_cpp_tree), log=lambda *_: None)
+    merged, _, _ = load_model(ckpt, dtype=torch.bfloat16)
+    weights = {k: v.float() for k, v in merged.state_dict().items()}
+    text, mmproj = read_tensors(out / gguf_export.TEXT_FILE), read_tensors(out / gguf_export.MMPROJ_FILE)
+    q_proj = weights["model.text_model.layers.0.self_attn.q_proj.weight"]
+    assert not torch.equal(q_proj, graft_weights(tiny_graft)["model.text_model.layers.0.self_attn.q_proj.weight"])
+    torch.testing.assert_close(torch.from_numpy(text["blk.0.attn_q.weight"]), q_proj.half().float())
+    connector = weights["model.connector.modality_projection.proj.weight"]
+    torch.testing.assert_close(torch.from_numpy(mmproj["mm.model.fc.weight"]), connector.half().float())
