@@ -144,7 +144,7 @@ def test_untied_graft_exports_lm_head_and_q8_0(tiny_dir, llama_cpp_tree, tmp_pat
     want = expected_text(graft, gguf.MODEL_ARCH.QWEN3)
     assert set(got) == set(want)
     for name, value in want.items():
-        # Q8_0: blocks of 32 values sharing one scale, so each value is within half a step of max|block| / 127.
+        # Q8_0: blocks of 32 values share a step of max|block| / 127, so no value moves by more than the largest step.
         step = value.abs().max().item() / 127
         torch.testing.assert_close(torch.from_numpy(got[name]), value, atol=step, rtol=0, msg=name)
     # the vision part stays f16 whatever the text model's type
