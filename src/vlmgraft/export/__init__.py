@@ -1,1 +1,2 @@
-"""Export: merge LoRA/DoRA checkpoints into standalone model folders (`merge`) and ONNX graphs (`onnx_export`)."""
+"""Export: merge LoRA/DoRA checkpoints into standalone model folders (`merge`), ONNX graphs (`onnx_export`) and GGUF
+files for llama.cpp (`gguf_export`)."""

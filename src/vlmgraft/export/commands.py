@@ -1,4 +1,4 @@
-"""CLI for export: `vlmgraft merge` (adapters → standalone folder) and `vlmgraft export onnx`."""
+"""CLI for export: `vlmgraft merge` (adapters → standalone folder), `vlmgraft export onnx` and `export gguf`."""
 
 from __future__ import annotations
 
@@ -30,6 +30,18 @@ def register(sub) -> None:
     onnx.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
     onnx.set_defaults(func=_onnx)
 
+    gguf = formats.add_parser("gguf", help="text model + mmproj (vision) GGUF files for llama.cpp, via its converter")
+    gguf.add_argument("model", help="a SmolVLM-family model folder (merged or not), checkpoint or run folder")
+    gguf.add_argument("--out", required=True, type=Path, help="output folder (never overwritten without --force)")
+    gguf.add_argument("--outtype", default="f16", choices=("f16", "q8_0"),
+                      help="the text model's weights; the mmproj (vision tower and connector) stays f16")
+    gguf.add_argument("--llama-cpp", default=None,
+                      help="llama.cpp's converter source: a llama.cpp checkout, llama-cpp-python's sdist tarball "
+                           "or its unpacked folder, or 'download' (pip downloads the tested sdist); "
+                           "default: $VLMGRAFT_LLAMA_CPP")
+    gguf.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
+    gguf.set_defaults(func=_gguf)
+
 
 def _merge(args) -> int:
     from vlmgraft.export.merge import MergeOptions, merge
@@ -46,4 +58,14 @@ def _onnx(args) -> int:
     from vlmgraft.export.onnx_export import export_onnx
 
     export_onnx(args.model, args.out, opset=args.opset, force=args.force, tolerance=args.tolerance)
+    return 0
+
+
+def _gguf(args) -> int:
+    from vlmgraft.errors import require_extra
+
+    require_extra("vlmgraft export gguf", "gguf", "gguf")
+    from vlmgraft.export.gguf_export import export_gguf
+
+    export_gguf(args.model, args.out, outtype=args.outtype, llama_cpp=args.llama_cpp, force=args.force)
     return 0
