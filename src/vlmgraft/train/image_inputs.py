@@ -29,7 +29,8 @@ import weakref
 
 import torch
 
-from vlmgraft.train.stages import unwrap_model
+from vlmgraft.model.common import unwrap_model
+from vlmgraft.model.images import ImagePath
 
 
 def to_device_nonblocking(values: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -122,8 +123,4 @@ def images_into_embeddings(model, input_ids: torch.Tensor, pixel_values: torch.T
         hidden = features_of(vision, tiles, patches)
     features = connector(hidden)
     embeds = unwrap_model(model).get_input_embeddings()(input_ids)
-    width = embeds.shape[-1]
-    # index_copy checks on the CPU that there are as many features as image tokens (shapes only, no GPU read).
-    merged = embeds.reshape(-1, width).index_copy(0, to_device_nonblocking(plan.image_positions, device),
-                                                  features.reshape(-1, width).to(embeds.dtype))
-    return merged.view_as(embeds)
+    return ImagePath.merge(embeds, to_device_nonblocking(plan.image_positions, device), features)
