@@ -1,5 +1,5 @@
 """LLaVA (SigLIP donor) and Exaone4.5 (Qwen2.5-VL donor) grafts through every stage: align training, merge, chat,
-the engine against `model.generate()`, eval and one served request."""
+detect, eval, the engine against `model.generate()`, one served request, and ONNX export's refusal."""
 
 from __future__ import annotations
 
@@ -86,6 +86,13 @@ def test_align_train_merge_chat_and_eval(name, grafts, vqa_data, tmp_path, capsy
     image_tokens = image_path_for(model).token_count(model, prepare(processor, *CASES[0]).pixels)
     assert 1 <= result["tokens"] <= 4 and result["prompt_tokens"] > image_tokens > 0
 
+    code = main(["detect", str(merged), "--image", str(picture), "--classes", "square,circle", "--lang", "en",
+                 "--json", "--max-new-tokens", "6", "--device", "cpu", "--out", str(tmp_path / "boxes.png")])
+    found = json.loads(capsys.readouterr().out)
+    # Two align steps teach no boxes: the answer is reported raw, with exit code 1 when nothing parsed.
+    assert found["classes"] == ["square", "circle"] and code == (0 if found["parsed"] else 1)
+    assert (tmp_path / "boxes.png").exists()
+
     out = tmp_path / "eval"
     assert main(["eval", str(merged), "--data", vqa_data, "--tasks", "vqa", "--limit", "2", "--out", str(out),
                  "--max-new-tokens", "3", "--batch-size", "2", "--device", "cpu"]) == 0
@@ -139,3 +146,12 @@ def test_serve_answers_one_image_request_like_the_library(name, grafts):
         assert reply.usage.prompt_tokens == expected.prompt_tokens
     finally:
         next(server, None)
+
+
+def test_onnx_export_refuses_other_families_by_name(grafts, tmp_path):
+    from vlmgraft.errors import VlmgraftError
+    from vlmgraft.export.onnx_export import export_onnx
+
+    with pytest.raises(VlmgraftError, match="SmolVLM family only.*llava graft.*LlavaForConditionalGeneration"):
+        export_onnx(str(grafts["llava"]), tmp_path / "onnx", log=lambda *_: None)
+    assert not (tmp_path / "onnx").exists()
