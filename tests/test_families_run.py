@@ -12,9 +12,6 @@ from PIL import Image
 
 from vlmgraft.cli import main
 from vlmgraft.data.shapes import ShapesWorld
-from vlmgraft.fixtures.encoders import save_tiny_siglip
-from vlmgraft.fixtures.qwen_vl import save_tiny_qwen25_vl
-from vlmgraft.graft.build import BuildOptions, build
 from vlmgraft.graft.families import family_for
 from vlmgraft.infer.engine import Engine, EngineConfig
 from vlmgraft.infer.generate import collate_left_padded, generate
@@ -23,7 +20,7 @@ from vlmgraft.infer.prompts import prepare
 from vlmgraft.infer.sampling import SamplingParams
 from vlmgraft.model import image_path_for
 
-FAMILIES = {"llava": save_tiny_siglip, "exaone4_5": save_tiny_qwen25_vl}
+FAMILIES = ("llava", "exaone4_5")
 RED = Image.new("RGB", (64, 48), (200, 30, 30))
 BLUE = Image.new("RGB", (40, 64), (20, 30, 200))
 CASES = [  # different lengths, 0/1/2 images
@@ -35,15 +32,8 @@ CASES = [  # different lengths, 0/1/2 images
 
 
 @pytest.fixture(scope="module")
-def grafts(tiny_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("family-grafts")
-    out = {}
-    for name, make in FAMILIES.items():
-        donor = make(root / f"{name}-donor")
-        out[name] = root / name
-        build(BuildOptions(vision=str(donor), llm=str(tiny_dir / "qwen3"), out=out[name], dtype="float32"),
-              log=lambda *_: None)
-    return out
+def grafts(family_grafts):
+    return family_grafts
 
 
 @pytest.fixture(scope="module")
