@@ -56,8 +56,11 @@ def test_align_train_merge_chat_and_eval(name, grafts, vqa_data, tmp_path, capsy
     config.write_text(f"model: {graft}\ndata: {vqa_data}\noutput_dir: {run}\nstage: align\n")
     assert main(["train", str(config), "--bf16", "false", "--report-to", "none", "--learning-rate", "5e-2",
                  "--max-steps", "2", "--save-steps", "2", "--logging-steps", "1", "--per-device-train-batch-size", "2",
-                 "--num-sample-images", "0", "--data-settings.num-workers", "0", "--data-settings.eval-size", "0",
-                 "--data-settings.max-length", "256", "--seed", "3"]) == 0
+                 "--eval-steps", "2", "--num-sample-images", "1", "--data-settings.num-workers", "0",
+                 "--data-settings.eval-size", "2", "--data-settings.max-length", "256", "--seed", "3"]) == 0
+    summary = json.loads((run / "run_summary.json").read_text())
+    assert summary["vision_gaps"]  # the evaluation's vision probe ran on this family's pixels
+    assert len((run / "samples.jsonl").read_text(encoding="utf-8").splitlines()) == 1
     family = family_for(name)
     before, after = _weights(graft), _weights(run / "final")
     groups = {k: family.group_of(k) for k in before}
