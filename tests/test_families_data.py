@@ -53,3 +53,12 @@ def test_samples_encode_as_the_processor_does_and_train_on_the_answer(name, fami
         embeds = image_path_for(model).train_embeddings(model, inputs, batch["loss_plan"])
         placed = model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"]).logits
     torch.testing.assert_close(placed, stock)
+
+
+def test_dpo_batches_refuse_other_families_by_name(family_grafts):
+    from vlmgraft.errors import VlmgraftError
+    from vlmgraft.train.rl.collate import PreferenceCollator
+
+    processor = AutoProcessor.from_pretrained(family_grafts["exaone4_5"])
+    with pytest.raises(VlmgraftError, match="exaone4_5 graft.*align, align-head, finetune or full"):
+        PreferenceCollator(processor)
