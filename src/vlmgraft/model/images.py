@@ -1,7 +1,7 @@
 """Each export family's image path, declared once: processor pixel inputs → features → the image tokens' embeddings.
 
-Training, the inference engine, `generate`, chat, serve, detect, eval and the ONNX export all go through
-`image_path_for(model)`. A family names the processor outputs it needs (`pixel_keys`), splits one prompt's processor
+Training, the inference engine, `generate`, chat, serve, detect and eval go through `image_path_for(model)` (the
+data pipeline through `image_path_for_processor`); ONNX export asks it the family and refuses all but SmolVLM. A family names the processor outputs it needs (`pixel_keys`), splits one prompt's processor
 output into what the engine keeps per request (`prompt_pixels`), batches those for `model.generate()` (`hf_batch`),
 counts the image tokens they fill (`token_count`) and encodes them into one row of features per image token
 (`encode_images`). `merge` writes the features over the image tokens' embeddings by index, in token order, as every
