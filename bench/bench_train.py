@@ -32,8 +32,9 @@ from _common import (
 )
 
 from vlmgraft.graft.families import SMOLVLM
+from vlmgraft.model.common import unwrap_model
 from vlmgraft.train.config import TrainConfig
-from vlmgraft.train.stages import prepare_model, unwrap_model
+from vlmgraft.train.stages import prepare_model
 from vlmgraft.train.trainer import label_only_loss
 
 

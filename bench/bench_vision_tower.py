@@ -27,9 +27,9 @@ import torch
 from _common import build_model, timed
 
 from vlmgraft.graft.families import SMOLVLM
+from vlmgraft.model.common import unwrap_model
 from vlmgraft.train.image_inputs import tower_features
 from vlmgraft.train.speed import fuse_mlp_gelu, patchify_with_matmul
-from vlmgraft.train.stages import unwrap_model
 
 KINDS = (("matmul", ("nvjet", "gemm", "cutlass", "sm90_xmma")), ("attention", ("sdpa", "fmha", "flash", "attention")),
          ("norm_add", ("layer_norm", "fused_add")), ("copy", ("copy", "Memcpy", "permute", "clone")))

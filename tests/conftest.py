@@ -36,6 +36,22 @@ def tiny_graft(tiny_dir):
     return out
 
 
+@pytest.fixture(scope="session")
+def family_grafts(tiny_dir):
+    """{"llava": a SigLIP donor, "exaone4_5": a Qwen2.5-VL donor} grafted onto the tied tiny Qwen3, in float32."""
+    from vlmgraft.fixtures.encoders import save_tiny_siglip
+    from vlmgraft.fixtures.qwen_vl import save_tiny_qwen25_vl
+    from vlmgraft.graft.build import BuildOptions, build
+
+    out = {}
+    for name, make in (("llava", save_tiny_siglip), ("exaone4_5", save_tiny_qwen25_vl)):
+        donor = make(tiny_dir / f"{name}-donor")
+        out[name] = tiny_dir / f"graft-{name}"
+        build(BuildOptions(vision=str(donor), llm=str(tiny_dir / "qwen3"), out=out[name], dtype="float32"),
+              log=lambda *_: None)
+    return out
+
+
 def scramble(model, seed: int = 0) -> None:
     """Larger random weights than a fresh init, so that greedy answers depend on the prompt and differ per step."""
     generator = torch.Generator().manual_seed(seed)

@@ -105,3 +105,5 @@ def test_eval_without_data_names_the_missing_flag(tiny_graft, capsys):
     assert "--data" in capsys.readouterr().err
     assert main(["eval", str(tiny_graft), "--tasks", "vqa,bleu", "--data", "x"]) == 2
     assert "unknown task" in capsys.readouterr().err
+    assert main(["eval", str(tiny_graft), "--tasks", "parity", "--dtype", "fp64"]) == 2
+    assert "--dtype 'fp64' is not one of bf16, bfloat16" in capsys.readouterr().err

@@ -11,6 +11,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from vlmgraft.errors import VlmgraftError
 from vlmgraft.graft.families import SMOLVLM
+from vlmgraft.model.common import unwrap_model
 from vlmgraft.train.config import TrainConfig
 from vlmgraft.train.speed import (
     FLEX,
@@ -20,7 +21,7 @@ from vlmgraft.train.speed import (
     patchify_with_matmul,
     settings_for_generation,
 )
-from vlmgraft.train.stages import prepare_model, unwrap_model
+from vlmgraft.train.stages import prepare_model
 from vlmgraft.train.trainer import drop_right_padding_mask, label_only_loss
 
 

@@ -9,8 +9,8 @@ import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import vlmgraft.train.image_inputs as image_inputs  # noqa: E402
 import vlmgraft.train.run as run  # noqa: E402
-import vlmgraft.train.trainer as trainer_module  # noqa: E402
 from vlmgraft.train.config import load_config, parse_overrides  # noqa: E402
 
 
@@ -33,7 +33,7 @@ def main() -> None:
         return collate
 
     run._collator = recording_collator
-    place = trainer_module.images_into_embeddings
+    place = image_inputs.images_into_embeddings
 
     def recording_place(*args, **kwargs):  # which image path each rank's steps took
         embeds = place(*args, **kwargs)
@@ -41,7 +41,7 @@ def main() -> None:
             f.write(("plan" if embeds is not None else "transformers") + "\n")
         return embeds
 
-    trainer_module.images_into_embeddings = recording_place
+    image_inputs.images_into_embeddings = recording_place
     result = run.train(config, echo=lambda *_: None)
     if int(os.environ.get("RANK", "0")) == 0:
         losses = [e["loss"] for e in json.loads((result.output_dir / "trainer_state.json").read_text())["log_history"]

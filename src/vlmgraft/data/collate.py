@@ -1,4 +1,4 @@
-"""`VisionChatCollator`: a list of Samples → one training batch for a SmolVLM-layout graft.
+"""`VisionChatCollator`: a list of Samples → one training batch for a graft of any export family.
 
 Rows are right-padded to the longest in the batch (dynamic padding). With `packing=True` the batch's samples are
 packed first-fit-decreasing into as few rows of `max_length` as possible; when some row holds several, each
@@ -11,8 +11,9 @@ carries no label, so a packed row never asks one sample to predict the next.
 
 Batch keys: `input_ids`, `labels` (-100 where no loss), `attention_mask` (rows of one sample each) or
 `position_ids` (rows of packed samples), `loss_plan` (a `LossPlan`, not a tensor: what the loss would otherwise
-read back from the GPU), and when any sample has images `pixel_values` (B, N, 3, T, T) + `pixel_attention_mask`
-(B, N, T, T, bool) with all-zero padding tiles.
+read back from the GPU), and when any sample has images: SmolVLM `pixel_values` (B, N, 3, T, T) +
+`pixel_attention_mask` (B, N, T, T, bool) with all-zero padding tiles; LLaVA `pixel_values` (images, 3, H, W);
+Exaone4.5 `pixel_values` (patches, C·t·p·p) + `image_grid_thw` (images, 3), images in token order.
 With `pixels="uint8"`, `pixel_values` is a `UInt8Tiles` holder instead and `to_device` normalises it on the GPU;
 a model handed the holder directly fails with a message saying so.
 """
@@ -91,7 +92,7 @@ class VisionChatCollator:
         self.pad_to_multiple_of = pad_to_multiple_of
         tokenizer = processor.tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.tile = self.encoder.images.tile
+        self.tile = getattr(self.encoder.images, "tile", None)  # SmolVLM's tile side (other families: no tiles)
 
     def encode(self, sample: Sample) -> Encoded | None:
         """One sample → ids, labels and tiles under this collator's policies (None: skipped and counted)."""
@@ -161,6 +162,9 @@ class VisionChatCollator:
         return batch
 
     def _pixels(self, rows: list[list[Encoded]]) -> tuple[dict, torch.Tensor | None]:
+        if not self.encoder.tiled:  # LLaVA / Exaone4.5: every image's inputs in token order, as their forward takes
+            images = [p for row in rows for e in row if e.tiles is not None for p in e.tiles]
+            return (self.encoder.image_path.concat(images) if images else {}), None
         per_row = [[e.tiles for e in row if e.tiles is not None] for row in rows]
         counts = [sum(t.shape[0] for t in tiles) for tiles in per_row]
         if not any(counts):

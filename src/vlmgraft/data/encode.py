@@ -1,7 +1,8 @@
 """One Sample → token ids, labels and image tiles, within `max_length` and never cutting through an image.
 
 Text is rendered with the graft's chat template (`render.ChatRenderer`); each image placeholder is expanded to the
-processor's own prompt string (tile markers, fake/global tokens, `image_seq_len` image tokens per tile) and the whole
+processor's own prompt string (SmolVLM: tile markers, fake/global tokens, `image_seq_len` image tokens per tile;
+LLaVA and Exaone4.5: as many image tokens as their processor writes for the image) and the whole
 text is tokenised once with character offsets, so loss spans map to tokens exactly. The result is identical to
 `processor(text=..., images=...)` (checked in the tests).
 
@@ -24,7 +25,8 @@ from transformers.models.smolvlm.processing_smolvlm import get_image_prompt_stri
 from vlmgraft.data.render import ChatRenderer
 from vlmgraft.data.sample import Sample
 from vlmgraft.data.tally import Tally
-from vlmgraft.data.tiles import ImageEncoder
+from vlmgraft.data.tiles import ImageEncoder, ProcessorImages
+from vlmgraft.model.images import image_path_for_processor
 
 IGNORE = -100
 OVERFLOW = ("drop_turns", "fewer_tiles", "skip")
@@ -39,7 +41,8 @@ class UnalignedTurn(ValueError):
 class Encoded:
     input_ids: np.ndarray  # int64 (L,)
     labels: np.ndarray  # int64 (L,), IGNORE where no loss
-    tiles: torch.Tensor | None  # (n_tiles, 3, T, T) or None for text-only samples
+    # SmolVLM: (n_tiles, 3, T, T); other families: their pixel inputs per image, in order; None for text-only samples
+    tiles: torch.Tensor | list[dict[str, torch.Tensor]] | None
     image_end: int  # tokens up to the end of the last image (0 without images)
     origin: str = ""
 
@@ -58,7 +61,11 @@ class SampleEncoder:
         self.processor, self.tokenizer = processor, processor.tokenizer
         self.max_length, self.loss_on, self.overflow = max_length, loss_on, overflow
         self.renderer = ChatRenderer(processor, enable_thinking=enable_thinking, **template_kwargs)
-        self.images = ImageEncoder(processor.image_processor, pixels, pixel_dtype)
+        self.image_path = image_path_for_processor(processor)
+        self.tiled = self.image_path.family.name == "smolvlm"
+        # uint8 tiles are SmolVLM's fast path; other families take their processor's pixels.
+        self.images = (ImageEncoder(processor.image_processor, pixels, pixel_dtype) if self.tiled
+                       else ProcessorImages(processor, self.image_path.pixel_keys, pixel_dtype))
         self.image_token = processor.image_token
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
         self.stats = stats if stats is not None else Tally("collator")
@@ -81,12 +88,16 @@ class SampleEncoder:
             key = (n, tuple(sorted((image_options or {}).items())))
             if key not in cache:
                 cache[key] = self.images.encode(image, **(image_options or {}))
-            t, rows, cols = cache[key]
+            if self.tiled:
+                t, rows, cols = cache[key]
+                prompt = get_image_prompt_string(rows, cols, self.processor.image_seq_len,  # the processor's own
+                                                 fake_token_around_image=self.processor.fake_image_token,
+                                                 image_token=self.image_token,
+                                                 global_image_token=self.processor.global_image_token)
+            else:
+                t, count = cache[key]
+                prompt = self.image_token * count
             tiles.append(t)
-            prompt = get_image_prompt_string(rows, cols, self.processor.image_seq_len,  # the processor's own text
-                                             fake_token_around_image=self.processor.fake_image_token,
-                                             image_token=self.image_token,
-                                             global_image_token=self.processor.global_image_token)
             pieces.append(text[cursor:at])
             length += at - cursor
             image_ranges.append((length, length + len(prompt)))
@@ -117,7 +128,8 @@ class SampleEncoder:
                 image_end = max(image_end, int(np.nonzero(inside)[0][-1]) + 1)
         loss &= ids != self.image_token_id
         labels = np.where(loss, ids, IGNORE)
-        return Encoded(ids, labels, torch.cat(tiles) if tiles else None, image_end, origin)
+        pixels = (torch.cat(tiles) if self.tiled else tiles) if tiles else None
+        return Encoded(ids, labels, pixels, image_end, origin)
 
     # -- with the length policy ------------------------------------------------------------------------------------
     def encode(self, sample: Sample) -> Encoded | None:

@@ -1,4 +1,5 @@
-"""Images → SmolVLM tiles: through the stock image processor, or a fast uint8 path normalised on the GPU.
+"""Images → pixel inputs: SmolVLM tiles (through the stock image processor, or a fast uint8 path normalised on the
+GPU), or for the other families whatever the graft's own processor writes (`ProcessorImages`).
 
 SmolVLM's processor resizes an image so its longest edge is `size.longest_edge`, rounds both sides up to multiples
 of the tile (`max_image_size.longest_edge`), cuts rows × cols tiles and appends the whole image squashed to one tile
@@ -145,6 +146,26 @@ def _interpolation(resample):
         except (ValueError, TypeError, NotImplementedError, RuntimeError):
             mode = InterpolationMode.BICUBIC
     return mode
+
+
+class ProcessorImages:
+    """One image → `(pixel inputs, image tokens)` through the graft's own processor, for families without SmolVLM's
+    tiles (LLaVA: one (1, 3, H, W) image; Exaone4.5: flat patches plus `image_grid_thw`). The processor itself
+    says how many image tokens stand for the image, so the expansion matches `processor(text=..., images=...)`."""
+
+    def __init__(self, processor, keys: tuple[str, ...], dtype: torch.dtype = torch.float32):
+        self.processor, self.keys, self.dtype = processor, keys, dtype
+        self.image_token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+
+    def fallbacks(self) -> list[dict]:
+        return []  # one size per image: nothing cheaper to fall back to
+
+    def encode(self, image: Image.Image) -> tuple[dict[str, torch.Tensor], int]:
+        out = self.processor(text=[self.processor.image_token], images=[image], return_tensors="pt")
+        count = int((out["input_ids"][0] == self.image_token_id).sum())
+        pixels = {key: out[key] for key in self.keys if out.get(key) is not None}
+        pixels["pixel_values"] = pixels["pixel_values"].to(self.dtype)
+        return pixels, count
 
 
 @functools.lru_cache(maxsize=8)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-DTYPES = ("bfloat16", "float16", "float32")
-
 
 def register(sub) -> None:
     ev = sub.add_parser("eval", help="score a model on VQA, grounding, captions, text parity and vision ablation")
@@ -24,16 +22,18 @@ def register(sub) -> None:
                     help="auto: letter matching when the reference is a bare letter (A-H); choice: always; "
                          "text: never")
     ev.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    ev.add_argument("--dtype", default=None, choices=DTYPES, help="default: bfloat16 on cuda, float32 on cpu")
+    ev.add_argument("--dtype", default=None,
+                    help="bfloat16, float16 or float32 (or bf16, fp16, fp32); default: bfloat16 on cuda, float32 on cpu")
     ev.set_defaults(func=_eval)
 
 
 def _eval(args) -> int:
-    import torch
-
     from vlmgraft.errors import VlmgraftError
     from vlmgraft.eval.runner import parse_tasks, run_eval
+    from vlmgraft.model.common import DTYPES
 
+    if args.dtype is not None and args.dtype not in DTYPES:
+        raise VlmgraftError(f"--dtype {args.dtype!r} is not one of {', '.join(sorted(DTYPES))}")
     tasks = parse_tasks(args.tasks)
     samples = []
     if any(t != "parity" for t in tasks):
@@ -45,5 +45,5 @@ def _eval(args) -> int:
     out = args.out or Path("eval_results") / Path(str(args.model).rstrip("/")).name
     run_eval(args.model, samples, tasks, out, llm=args.llm, batch_size=args.batch_size,
              max_new_tokens=args.max_new_tokens, vqa_mode=args.vqa_mode, device=args.device,
-             dtype=getattr(torch, args.dtype) if args.dtype else None, seed=args.seed)
+             dtype=DTYPES[args.dtype] if args.dtype else None, seed=args.seed)
     return 0

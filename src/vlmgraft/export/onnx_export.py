@@ -22,6 +22,7 @@ from vlmgraft.export.onnx_runtime import MANIFEST, OnnxVlm
 from vlmgraft.export.onnx_wrappers import DecoderWithCache, TokenEmbedder, VisionFeatures, exportable_vision
 from vlmgraft.export.parity import parity_inputs
 from vlmgraft.graft.build import guard_output
+from vlmgraft.model import image_path_for, image_seq_len
 
 FILES = {"vision": "vision.onnx", "embed_tokens": "embed_tokens.onnx", "decoder": "decoder.onnx"}
 
@@ -46,7 +47,7 @@ def _graph_specs(model) -> dict:
     kv = [f"past_key_values.{layer}.{part}" for layer in range(text.num_hidden_layers) for part in ("key", "value")]
     kv_shape = ["batch", text.num_key_value_heads, "past_sequence", _head_dim(text)]
     present_shape = ["batch", text.num_key_value_heads, "total_sequence", _head_dim(text)]
-    seq = model.model.image_seq_len
+    seq = image_seq_len(model.config)
     return {
         "vision": {"inputs": [_io("pixel_values", "float32", ["tiles", 3, tile, tile]),
                               _io("pixel_attention_mask", "int64", ["tiles", tile, tile])],
@@ -113,9 +114,10 @@ def export_onnx(source: str, out: Path, opset: int = 17, force: bool = False, to
         raise VlmgraftError(f"--out {str(out)!r} would overwrite the model being exported; choose another folder")
     guard_output(out, force)
     model, processor, ckpt = checkpoints.load_model(source, dtype=torch.float32, attn_implementation="eager")
-    if model.config.model_type != "smolvlm":
-        raise VlmgraftError(f"ONNX export knows the SmolVLM architecture only; {source!r} is "
-                            f"{model.config.model_type!r}")
+    family = image_path_for(model).family
+    if family.name != "smolvlm":
+        raise VlmgraftError(f"ONNX export knows the SmolVLM family only; {source!r} is a {family.name} graft "
+                            f"({family.export_architecture}): serve it with `vlmgraft serve` instead")
     out.mkdir(parents=True, exist_ok=True)
     specs = _graph_specs(model)
     sample = next(b for b in parity_inputs(processor) if "pixel_values" in b)
@@ -131,7 +133,7 @@ def export_onnx(source: str, out: Path, opset: int = 17, force: bool = False, to
     text = model.config.text_config
     manifest = {
         "source": str(ckpt.folder), "opset": opset, "files": FILES, "graphs": specs,
-        "image_token_id": model.config.image_token_id, "image_seq_len": model.model.image_seq_len,
+        "image_token_id": model.config.image_token_id, "image_seq_len": image_seq_len(model.config),
         "num_hidden_layers": text.num_hidden_layers, "num_key_value_heads": text.num_key_value_heads,
         "head_dim": _head_dim(text), "hidden_size": text.hidden_size, "vocab_size": text.vocab_size,
         "eos_token_id": model.generation_config.eos_token_id,

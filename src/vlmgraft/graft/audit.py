@@ -22,6 +22,7 @@ from PIL import Image
 
 from vlmgraft.graft.families import DonorFamily
 from vlmgraft.graft.surgery import Ledger
+from vlmgraft.model.common import image_seq_len
 
 TEXT_PARITY_TOL = 1e-5
 IMAGE_EFFECT_MIN = 1e-6
@@ -112,7 +113,7 @@ def check_configs(report: AuditReport, graft, processor, llm_config, llm_generat
 
         check_vision_settings(report, graft, processor)
     elif hasattr(processor, "image_seq_len"):
-        expected = (vision.image_size // vision.patch_size) ** 2 // cfg.scale_factor**2
+        expected = image_seq_len(cfg)
         report.add("image_seq_len agrees", processor.image_seq_len == expected,
                    f"processor={processor.image_seq_len}, (image_size/patch)²/scale²={expected}")
     else:  # LLaVA: the processor's own count for an image at the tower's resolution

@@ -31,9 +31,9 @@ from vlmgraft.graft.naflex import NAFLEX_TYPES, convert_naflex
 from vlmgraft.graft.surgery import build_graft, graft_config, plan_ledger, smolvlm_connector_init, vocab_size_for
 from vlmgraft.graft.template import extend_chat_template
 from vlmgraft.graft.tokens import choose_vision_tokens
+from vlmgraft.model.common import DTYPES
+from vlmgraft.model.common import image_seq_len as config_image_seq_len
 
-DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-          "float32": torch.float32, "fp32": torch.float32}
 REPORT_NAME = "graft_report.json"
 
 
@@ -134,11 +134,9 @@ def make_processor(llm: str, donor_processor, donor_config, image_token: str | N
         tokenizer.pad_token = tokenizer.eos_token
     template = extend_chat_template(original.chat_template, tokens.image_token, tokens.video_token)
     tokenizer.chat_template = template
-    vision = donor_config.vision_config
-    image_seq_len = (vision.image_size // vision.patch_size) ** 2 // donor_config.scale_factor**2
     processor = SmolVLMProcessor(image_processor=donor_processor.image_processor,
                                  video_processor=donor_processor.video_processor, tokenizer=tokenizer,
-                                 image_seq_len=image_seq_len, chat_template=template)
+                                 image_seq_len=config_image_seq_len(donor_config), chat_template=template)
     return processor, tokens.as_dict(), new_ids, len(original)
 
 

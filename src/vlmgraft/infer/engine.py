@@ -4,7 +4,7 @@ Why not `model.generate()`: it decodes a fixed batch to the end (a request canno
 kernel from Python each step, which on a launch-bound GPU costs more than the math. transformers' own continuous
 batching takes token ids only (no images) and its API still moves between minor versions, so the loop is here:
 
-* prefill: the vision tower and connector run eagerly on the new requests' real tiles; their features replace the
+* prefill: the family's vision path (`vlmgraft.model`) runs eagerly on the new requests' pixels; their features replace the
   image placeholders; the text model then runs the left-padded prompt batch (one CUDA graph per bucketed shape),
   writes the keys/values into each request's slot of a `SlotKVCache` and picks the first token on the device;
 * decode: the text model alone, one token per slot, one CUDA graph per (batch bucket, attended-length bucket,
@@ -57,8 +57,7 @@ class Sequence:
 
     prompt_ids: list[int]
     params: SamplingParams
-    pixel_values: torch.Tensor | None = None  # (tiles, 3, H, W), real tiles only
-    pixel_attention_mask: torch.Tensor | None = None  # (tiles, H, W)
+    pixels: dict[str, torch.Tensor] | None = None  # the family's pixel inputs (`ImagePath.prompt_pixels`)
     id: int = 0
     output_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" (EOS or cancelled), "length"
@@ -120,17 +119,22 @@ class Engine:
 
     # ------------------------------------------------------------------ requests
     def add(self, prompt_ids: list[int], params: SamplingParams, pixel_values: torch.Tensor | None = None,
-            pixel_attention_mask: torch.Tensor | None = None) -> Sequence:
-        """Queue a prompt (token ids with image placeholders expanded, plus its real tiles); returns its handle."""
+            pixel_attention_mask: torch.Tensor | None = None, **pixel_inputs: torch.Tensor) -> Sequence:
+        """Queue a prompt (token ids with image placeholders expanded, plus its pixel inputs as the family's
+        `prompt_pixels` gives them: SmolVLM's real tiles and mask, LLaVA's images, Exaone's patches and
+        image_grid_thw); returns its handle."""
         if params.max_new_tokens > self.prompt_room(len(prompt_ids)):
             raise ValueError(f"prompt of {len(prompt_ids)} tokens + max_new_tokens {params.max_new_tokens} does not "
                              f"fit the engine's max_seq_len {self.config.max_seq_len}")
+        given = dict(pixel_values=pixel_values, pixel_attention_mask=pixel_attention_mask, **pixel_inputs)
+        pixels = {k: v for k, v in given.items() if v is not None} if pixel_values is not None else None
         placeholders = sum(1 for t in prompt_ids if t == self.parts.image_token_id)
-        tiles = 0 if pixel_values is None else pixel_values.shape[0]
-        if placeholders != tiles * self.parts.image_seq_len:
-            raise ValueError(f"prompt holds {placeholders} image placeholder tokens but {tiles} image tiles need "
-                             f"{tiles * self.parts.image_seq_len}")
-        seq = Sequence(list(prompt_ids), params, pixel_values, pixel_attention_mask, id=next(self._ids))
+        needed = self.parts.image_tokens(pixels)
+        if placeholders != needed:
+            images = 0 if pixel_values is None else pixel_values.shape[0]
+            raise ValueError(f"prompt holds {placeholders} image placeholder tokens but its pixel inputs "
+                             f"({images} images/tiles/patches) need {needed}")
+        seq = Sequence(list(prompt_ids), params, pixels, id=next(self._ids))
         self.waiting.append(seq)
         return seq
 
@@ -260,7 +264,7 @@ class Engine:
             getattr(self, name).index_copy_(0, slot_ids, params[name][:n].to(dev))
         for seq in batch:  # the pixels are consumed (kept until here for a retry): do not hold them any longer
             seq.stored_until = length
-            seq.pixel_values = seq.pixel_attention_mask = None
+            seq.pixels = None
         return buf["next"][:n].tolist()
 
     def _prefill_buffer(self, rows: int, length: int) -> dict[str, torch.Tensor]:
@@ -280,23 +284,17 @@ class Engine:
         return self._prefill_buffers[key]
 
     def _insert_image_features(self, embeds: torch.Tensor, ids: torch.Tensor, batch: list[Sequence]) -> None:
-        with_tiles = [s for s in batch if s.pixel_values is not None]
-        if not with_tiles:
+        with_images = [s for s in batch if s.pixels is not None]
+        if not with_images:
             return
         dev = self.device
-        # Each request's tiles go to the device as they are (no host-side concatenation of MBs of pixels).
-        pixels = torch.cat([s.pixel_values.to(dev, non_blocking=True) for s in with_tiles])
-        pixel_mask = torch.cat([
-            s.pixel_attention_mask.to(dev, non_blocking=True) if s.pixel_attention_mask is not None
-            else torch.ones(s.pixel_values.shape[0], *s.pixel_values.shape[2:], dtype=torch.bool, device=dev)
-            for s in with_tiles])
-        step = self.config.vision_batch_tiles
-        features = torch.cat([self.parts.encode_images(pixels[i:i + step], pixel_mask[i:i + step])
-                              for i in range(0, pixels.shape[0], step)])
+        # Each request's pixels go to the device as they are (no host-side concatenation of MBs of pixels).
+        pixels = self.parts.images.concat([{k: v.to(dev, non_blocking=True) for k, v in s.pixels.items()}
+                                           for s in with_images])
+        features = self.parts.encode_images(pixels, self.config.vision_batch_tiles)
         # Placeholder positions come from the host copy of the ids: no device sync, rows in batch order like HF.
         where = (ids.view(-1) == self.parts.image_token_id).nonzero().squeeze(-1).to(dev)
-        flat = embeds.view(-1, embeds.shape[-1])
-        flat.index_copy_(0, where, features.reshape(-1, flat.shape[-1]).to(flat.dtype))
+        self.parts.images.merge(embeds, where, features, inplace=True)
 
     def _prefill_step(self, buf: dict[str, torch.Tensor], rows: int, length: int, mode: int | None) -> None:
         dev = self.device

@@ -18,6 +18,7 @@ from vlmgraft.infer.model import eos_token_ids
 from vlmgraft.infer.prompts import PreparedPrompt, prepare, split_reasoning
 from vlmgraft.infer.sampling import SamplingParams
 from vlmgraft.infer.textstream import TextStream
+from vlmgraft.model.images import ImagePath, image_path_for
 
 StreamCallback = Callable[[int, str], None]  # (conversation index, raw text delta)
 
@@ -52,11 +53,12 @@ def generate(model, processor, conversations: list[list[dict]], images: list[lis
         backend = "engine" if device.type == "cuda" else "hf"
     if backend not in ("engine", "hf"):
         raise ValueError(f"backend must be 'auto', 'engine' or 'hf', not {backend!r}")
+    path = image_path_for(model)
     # Prepared prompts hold pixel tensors (MBs per image): prepare one window at a time, not the whole list.
     window = batch_size * (2 if backend == "engine" else 1)
     results: list[GenerationResult] = []
     for first in range(0, len(conversations), window):
-        prepared = [prepare(processor, conversations[i], images[i], enable_thinking, template_kwargs)
+        prepared = [prepare(processor, conversations[i], images[i], enable_thinking, template_kwargs, path)
                     for i in range(first, min(first + window, len(conversations)))]
         offset_stream = (lambda i, d, base=first: stream(base + i, d)) if stream else None
         run = _generate_engine if backend == "engine" else _generate_hf
@@ -95,7 +97,7 @@ def _generate_engine(model, processor, prepared: list[PreparedPrompt], params: S
     # Rounded generously so that later windows and calls reuse this engine (and its captured graphs).
     seq_len = -(-(longest + params.max_new_tokens + 256) // 1024) * 1024
     engine = engine_for(model, processor.tokenizer, min(batch_size, 1 << (len(prepared) - 1).bit_length()), seq_len)
-    sequences = [engine.add(p.input_ids, params, p.pixel_values, p.pixel_attention_mask) for p in prepared]
+    sequences = [engine.add(p.input_ids, params, **(p.pixels or {})) for p in prepared]
     index = {seq.id: i for i, seq in enumerate(sequences)}
     texts = [TextStream(processor.tokenizer, params.stop) for _ in prepared]
     while engine.has_work():
@@ -113,27 +115,15 @@ def _generate_engine(model, processor, prepared: list[PreparedPrompt], params: S
 
 
 # ---------------------------------------------------------------------------------------------------- HF path
-def collate_left_padded(prepared: list[PreparedPrompt], pad_id: int) -> dict[str, torch.Tensor]:
-    """One batch for `model.generate()`: ids padded on the left, tiles padded with all-zero tiles (which HF drops)."""
+def collate_left_padded(prepared: list[PreparedPrompt], pad_id: int, path: ImagePath) -> dict[str, torch.Tensor]:
+    """One batch for `model.generate()`: ids padded on the left, pixels batched as the family's forward takes them."""
     length = max(len(p.input_ids) for p in prepared)
     ids = torch.full((len(prepared), length), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prepared), length), dtype=torch.long)
     for row, p in enumerate(prepared):
         ids[row, length - len(p.input_ids):] = torch.tensor(p.input_ids)
         mask[row, length - len(p.input_ids):] = 1
-    batch = {"input_ids": ids, "attention_mask": mask}
-    with_images = [p for p in prepared if p.pixel_values is not None]
-    if with_images:
-        tiles = max(p.pixel_values.shape[0] for p in with_images)
-        shape = with_images[0].pixel_values.shape[1:]
-        pixels = torch.zeros((len(prepared), tiles, *shape), dtype=with_images[0].pixel_values.dtype)
-        pixel_mask = torch.zeros((len(prepared), tiles, *shape[1:]), dtype=torch.long)
-        for row, p in enumerate(prepared):
-            if p.pixel_values is not None:
-                pixels[row, :p.pixel_values.shape[0]] = p.pixel_values
-                pixel_mask[row, :p.pixel_values.shape[0]] = p.pixel_attention_mask.long()
-        batch.update(pixel_values=pixels, pixel_attention_mask=pixel_mask)
-    return batch
+    return {"input_ids": ids, "attention_mask": mask, **path.hf_batch([p.pixels for p in prepared])}
 
 
 class _RowStreamer(BaseStreamer):
@@ -174,7 +164,7 @@ def _generate_hf(model, processor, prepared: list[PreparedPrompt], params: Sampl
     eos_ids = eos_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     device = next(model.parameters()).device
-    batch = {k: v.to(device) for k, v in collate_left_padded(prepared, pad_id).items()}
+    batch = {k: v.to(device) for k, v in collate_left_padded(prepared, pad_id, image_path_for(model)).items()}
     # Explicit values everywhere: generate() fills unset (None) ones from the model's sampling defaults.
     sampling = (dict(temperature=1.0, top_p=1.0, top_k=50) if params.greedy  # transformers' neutral defaults
                 else dict(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k))

@@ -9,11 +9,11 @@ from pathlib import Path
 import torch
 
 from vlmgraft.errors import VlmgraftError
+from vlmgraft.model.common import DTYPES
+from vlmgraft.model.images import ImagePath, image_path_for
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-          "float32": torch.float32, "fp32": torch.float32}
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -49,7 +49,7 @@ def pick_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
 
 
 def load_for_inference(model_dir: str | Path, device: str = "auto", dtype: str | torch.dtype = "auto"):
-    """A graft (or any SmolVLM-architecture) folder → (model in eval mode on the device, processor)."""
+    """A graft folder (any export family) → (model in eval mode on the device, processor)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from vlmgraft import hub
@@ -83,16 +83,14 @@ def eos_token_ids(model, tokenizer) -> list[int]:
 
 @dataclass
 class ModelParts:
-    """The modules and numbers the engine needs, read from a SmolVLM-architecture model."""
+    """The modules and numbers the engine needs, read from a graft of any export family."""
 
+    model: torch.nn.Module
+    images: ImagePath  # the family's pixels → features path
     text_model: torch.nn.Module
     lm_head: torch.nn.Module
-    vision_model: torch.nn.Module
-    connector: torch.nn.Module
     text_config: object
     image_token_id: int
-    image_seq_len: int
-    patch_size: int
     pad_token_id: int
     eos_token_ids: list[int]
     num_layers: int
@@ -106,32 +104,24 @@ class ModelParts:
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.text_model.get_input_embeddings()(ids)
 
-    def encode_images(self, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor) -> torch.Tensor:
-        """Real tiles (T, 3, H, W) → image features (T, image_seq_len, hidden), as SmolVLM's own forward does."""
-        size = self.patch_size
-        patches = pixel_attention_mask.unfold(1, size, size).unfold(2, size, size)
-        patch_mask = patches.sum(dim=(-1, -2)) > 0
-        out = self.vision_model(pixel_values=pixel_values.to(self.dtype), patch_attention_mask=patch_mask)
-        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        return self.connector(hidden)
+    def image_tokens(self, pixels: dict[str, torch.Tensor] | None) -> int:
+        return self.images.token_count(self.model, pixels)
+
+    def encode_images(self, pixels: dict[str, torch.Tensor], chunk: int | None = None) -> torch.Tensor:
+        """One or more prompts' pixels → features (image tokens, hidden), in token order."""
+        return self.images.encode_images(self.model, pixels, chunk)
 
 
 def model_parts(model, tokenizer, eos_ids: list[int] | None = None) -> ModelParts:
-    from vlmgraft.graft.families import family_for
-
-    family = family_for(model.config.model_type)
-    text_model = model.get_submodule(family.llm)
+    images = image_path_for(model)
+    text_model = model.get_submodule(images.family.llm)
     text_config = text_model.config
-    vision = model.config.vision_config
     head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     param = next(model.parameters())
     return ModelParts(
-        text_model=text_model, lm_head=model.get_submodule(family.lm_head),
-        vision_model=model.get_submodule(family.vision), connector=model.get_submodule(family.connector),
-        text_config=text_config, image_token_id=int(model.config.image_token_id),
-        image_seq_len=(vision.image_size // vision.patch_size) ** 2 // model.config.scale_factor**2,
-        patch_size=vision.patch_size, pad_token_id=int(pad or 0),
+        model=model, images=images, text_model=text_model, lm_head=model.get_submodule(images.family.lm_head),
+        text_config=text_config, image_token_id=int(model.config.image_token_id), pad_token_id=int(pad or 0),
         eos_token_ids=eos_ids if eos_ids is not None else eos_token_ids(model, tokenizer),
         num_layers=text_config.num_hidden_layers,
         kv_heads=getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads,

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from vlmgraft.model.images import ImagePath, image_path_for_inputs
+
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 # Files in which `vlmgraft train` (and `vlmgraft merge`, passing it on) records the run's `enable_thinking`.
 THINKING_RECORDS = ("vlmgraft_checkpoint.json", "merge_report.json")
@@ -23,9 +25,16 @@ class PreparedPrompt:
     """One conversation ready for the engine: token ids with image placeholders expanded and its real tiles."""
 
     input_ids: list[int]
-    pixel_values: torch.Tensor | None  # (tiles, 3, H, W)
-    pixel_attention_mask: torch.Tensor | None  # (tiles, H, W)
+    pixels: dict[str, torch.Tensor] | None  # the family's pixel inputs (`ImagePath.prompt_pixels`); None: no image
     opens_thinking: bool = False  # the prompt ends inside an open <think> block
+
+    @property
+    def pixel_values(self) -> torch.Tensor | None:
+        return None if self.pixels is None else self.pixels["pixel_values"]
+
+    @property
+    def pixel_attention_mask(self) -> torch.Tensor | None:
+        return None if self.pixels is None else self.pixels.get("pixel_attention_mask")
 
 
 def supports_thinking(processor) -> bool:
@@ -74,8 +83,9 @@ def count_image_parts(conversation: list[dict]) -> int:
 
 
 def prepare(processor, conversation: list[dict], images: list, enable_thinking: bool | None = None,
-            template_kwargs: dict | None = None) -> PreparedPrompt:
-    """Render and tokenize one conversation; raises ValueError when image parts and images do not match."""
+            template_kwargs: dict | None = None, image_path: ImagePath | None = None) -> PreparedPrompt:
+    """Render and tokenize one conversation; raises ValueError when image parts and images do not match.
+    `image_path`: the model's family (`image_path_for(model)`); None: told by the processor's outputs."""
     parts = count_image_parts(conversation)
     if parts != len(images):
         raise ValueError(f"the conversation has {parts} image part(s) but {len(images)} image(s) were given")
@@ -85,15 +95,8 @@ def prepare(processor, conversation: list[dict], images: list, enable_thinking: 
     else:
         batch = processor(text=[text], return_tensors="pt")
     ids = batch["input_ids"][0].tolist()
-    opens = prompt_opens_thinking(text)
-    pixels = batch.get("pixel_values")
-    if pixels is None:
-        return PreparedPrompt(ids, None, None, opens)
-    pixels = pixels[0]
-    mask = batch.get("pixel_attention_mask")
-    mask = mask[0].bool() if mask is not None else torch.ones(pixels.shape[0], *pixels.shape[2:], dtype=torch.bool)
-    real = pixels.flatten(1).ne(0).any(dim=1)  # the processor pads tile lists with all-zero tiles, as HF drops them
-    return PreparedPrompt(ids, pixels[real].contiguous(), mask[real].contiguous(), opens)
+    path = image_path if image_path is not None else image_path_for_inputs(batch)
+    return PreparedPrompt(ids, path.prompt_pixels(batch), prompt_opens_thinking(text))
 
 
 def split_reasoning(text: str, opened: bool = False) -> tuple[str, str | None]:

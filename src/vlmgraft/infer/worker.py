@@ -165,7 +165,7 @@ class EngineWorker:
                 self._finish(request, StreamEvent(error=f"the engine is out of service: {self._fault}"))
                 return
             try:
-                request.sequence = self.engine.add(p.input_ids, request.params, p.pixel_values, p.pixel_attention_mask)
+                request.sequence = self.engine.add(p.input_ids, request.params, **(p.pixels or {}))
             except ValueError as err:
                 self._finish(request, StreamEvent(error=str(err)))
                 return

@@ -1,4 +1,5 @@
-"""The training step's image path without reading anything back from the GPU.
+"""The SmolVLM family's training image path (`vlmgraft.model.images.SmolVLMImages.train_embeddings`), which reads
+nothing back from the GPU.
 
 transformers' SmolVLM forward finds the real tiles with a boolean index, splits the features with `.tolist()`,
 formats the image-token count into its check's message, and merges with `masked_scatter`, whose backward is a
@@ -29,7 +30,9 @@ import weakref
 
 import torch
 
-from vlmgraft.train.stages import unwrap_model
+from vlmgraft.graft.families import SMOLVLM
+from vlmgraft.model.common import unwrap_model
+from vlmgraft.model.images import ImagePath
 
 
 def to_device_nonblocking(values: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -40,9 +43,11 @@ def to_device_nonblocking(values: torch.Tensor, device: torch.device) -> torch.T
 
 
 def _smolvlm_parts(model):
-    inner = getattr(unwrap_model(model), "model", None)
-    vision, connector = getattr(inner, "vision_model", None), getattr(inner, "connector", None)
-    if vision is None or connector is None:
+    """The vision tower and connector where the SmolVLM family declares them; None for other layouts."""
+    base = unwrap_model(model)
+    try:
+        vision, connector = base.get_submodule(SMOLVLM.vision), base.get_submodule(SMOLVLM.connector)
+    except AttributeError:
         return None
     if not all(hasattr(vision, part) for part in ("embeddings", "encoder", "post_layernorm")):
         return None
@@ -122,8 +127,4 @@ def images_into_embeddings(model, input_ids: torch.Tensor, pixel_values: torch.T
         hidden = features_of(vision, tiles, patches)
     features = connector(hidden)
     embeds = unwrap_model(model).get_input_embeddings()(input_ids)
-    width = embeds.shape[-1]
-    # index_copy checks on the CPU that there are as many features as image tokens (shapes only, no GPU read).
-    merged = embeds.reshape(-1, width).index_copy(0, to_device_nonblocking(plan.image_positions, device),
-                                                  features.reshape(-1, width).to(embeds.dtype))
-    return merged.view_as(embeds)
+    return ImagePath.merge(embeds, to_device_nonblocking(plan.image_positions, device), features)

@@ -47,8 +47,8 @@ import torch.nn.functional as F
 
 from vlmgraft.errors import VlmgraftError
 from vlmgraft.graft.families import DonorFamily
+from vlmgraft.model.common import text_config, unwrap_model
 from vlmgraft.train.image_inputs import compile_frozen_tower
-from vlmgraft.train.stages import unwrap_model
 
 log = logging.getLogger(__name__)
 FLEX = "flex_attention"
@@ -164,12 +164,6 @@ def fuse_mlp_gelu(model, family: DonorFamily) -> int:
             mlp.forward = types.MethodType(_fused_mlp_forward, mlp)
             switched += 1
     return switched
-
-
-def text_config(model):
-    """The LLM's config inside a (wrapped) VLM, or the model's own config for a text-only one; None without any."""
-    config = getattr(unwrap_model(model), "config", None)
-    return getattr(config, "text_config", None) or config
 
 
 @contextlib.contextmanager

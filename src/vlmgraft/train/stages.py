@@ -15,6 +15,7 @@ import torch
 
 from vlmgraft.errors import VlmgraftError
 from vlmgraft.graft.families import GROUPS, DonorFamily
+from vlmgraft.model.common import unwrap_model
 from vlmgraft.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -62,13 +63,6 @@ def plan_stage(config: TrainConfig) -> StagePlan:
 
 def strip_peft(name: str) -> str:
     return name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
-
-
-def unwrap_model(model):
-    """The transformers model inside DDP and PEFT wrappers (module paths as the donor family declares them)."""
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        model = model.module
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def param_group(family: DonorFamily, name: str) -> str:

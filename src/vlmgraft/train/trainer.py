@@ -32,11 +32,13 @@ from vlmgraft.data.collate import LossPlan
 from vlmgraft.data.encode import IGNORE
 from vlmgraft.errors import VlmgraftError
 from vlmgraft.graft.families import DonorFamily
+from vlmgraft.model.common import text_config, unwrap_model
+from vlmgraft.model.images import image_path_for
 from vlmgraft.train.callbacks import ProgressWithRates
 from vlmgraft.train.config import TrainConfig
-from vlmgraft.train.image_inputs import images_into_embeddings, to_device_nonblocking
-from vlmgraft.train.speed import compile_enabled, mark_cuda_graph_step, sdpa_for_unpacked_rows, text_config
-from vlmgraft.train.stages import optimizer_groups, unwrap_model
+from vlmgraft.train.image_inputs import to_device_nonblocking
+from vlmgraft.train.speed import compile_enabled, mark_cuda_graph_step, sdpa_for_unpacked_rows
+from vlmgraft.train.stages import optimizer_groups
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +80,10 @@ def label_only_loss(model, inputs: dict, num_items_in_batch=None, padding_mask: 
     labels = inputs.pop("labels")
     targets_all = labels[:, 1:]
     if plan is not None and inputs.get("pixel_values") is not None:
-        embeds = images_into_embeddings(model, inputs["input_ids"], inputs["pixel_values"], plan)
+        path = image_path_for(model)
+        embeds = path.train_embeddings(model, inputs, plan)
         if embeds is not None:
-            for key in ("input_ids", "pixel_values", "pixel_attention_mask"):
+            for key in ("input_ids", *path.pixel_keys):
                 inputs.pop(key, None)
             inputs["inputs_embeds"] = embeds
     if plan is not None and "position_ids" not in inputs and inputs.get("attention_mask") is None:
@@ -106,7 +109,10 @@ def label_only_loss(model, inputs: dict, num_items_in_batch=None, padding_mask: 
 
 
 def noise_like_images(pixel_values: torch.Tensor) -> torch.Tensor:
-    """Uniform noise in the normalised pixel range, keeping all-zero padding tiles zero (the model drops them)."""
+    """Uniform noise in the normalised pixel range, keeping SmolVLM's all-zero padding tiles zero (the model drops
+    them); other families' pixels (LLaVA's images, Exaone's patches) have no padding and all become noise."""
+    if pixel_values.dim() != 5:
+        return torch.rand_like(pixel_values) * 2 - 1
     real = pixel_values.flatten(2).abs().sum(-1) > 0
     noise = torch.rand_like(pixel_values) * 2 - 1
     return torch.where(real[..., None, None, None], noise, torch.zeros_like(pixel_values))

@@ -50,6 +50,10 @@ class PreferenceCollator:
         self.stats = stats if stats is not None else Tally("collator")
         self.encoder = SampleEncoder(processor, max_length=max_length or 1 << 30, enable_thinking=enable_thinking,
                                      stats=self.stats)
+        if not self.encoder.tiled:
+            family = self.encoder.image_path.family
+            raise VlmgraftError(f"stage dpo batches SmolVLM tiles only; this is a {family.name} graft "
+                                f"({family.export_architecture}): train it with align, align-head, finetune or full")
         self.max_length, self.policy = max_length, policy
         tokenizer = processor.tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
