@@ -52,6 +52,7 @@ def test_exif_orientation_is_applied_to_jpeg_and_png():
 def test_chat_serve_and_detect_load_images_upright(loaded, tmp_path, monkeypatch):
     from vlmgraft.infer import server
     from vlmgraft.infer.chat import ChatOptions, ChatSession
+    from vlmgraft.infer.limits import PixelTally
 
     path = tmp_path / "phone.jpg"
     path.write_bytes(sideways_jpeg())
@@ -64,7 +65,7 @@ def test_chat_serve_and_detect_load_images_upright(loaded, tmp_path, monkeypatch
     url = "data:image/jpeg;base64," + base64.b64encode(sideways_jpeg()).decode()
     state = server.ServerState(model_id="tiny", processor=None, worker=None)
     server._prepare(state, SimpleNamespace(image_urls=[(url, "messages[0].content[0]")], conversation=[],
-                                           template_kwargs={}))
+                                           template_kwargs={}), PixelTally(state.limits), [(40, 20)])
     assert_upright(seen[0])
 
 
