@@ -117,7 +117,7 @@ def step_llm(out: Path, size: DemoSize, seed: int) -> Path:
     from vlmgraft.fixtures.models import save_tiny_llm
 
     init = save_tiny_llm(out / "llm-init", family="qwen3", tied=True, hidden_size=128, layers=2, seed=seed)
-    model = AutoModelForCausalLM.from_pretrained(init)
+    model = AutoModelForCausalLM.from_pretrained(init, use_kernels=False)
     tokenizer = AutoTokenizer.from_pretrained(init)
     dataset = Dataset.from_list(_chat_pairs(_world(seed), tokenizer, size.text_pairs))
     args = SFTConfig(output_dir=str(out / "runs" / "llm"), max_steps=size.llm_steps, per_device_train_batch_size=32,

@@ -61,3 +61,16 @@ def load(loader: Callable[..., T], name_or_path: str | os.PathLike, role: str, *
         if constants.HF_HUB_OFFLINE:
             raise _offline_error(name, role) from err
         raise VlmgraftError(f"Could not load the {role} {name!r} from the Hugging Face hub: {err}") from err
+
+
+def load_model(loader: Callable[..., T], name_or_path: str | os.PathLike, role: str, **kwargs) -> T:
+    """`load` for model weights, with transformers' hub-kernel substitution off unless the user asks for it.
+
+    Where the `kernels` package is installed (transformers depends on it), `from_pretrained` swaps layers for
+    kernels it downloads from the hub: offline, the first `model.train()` on CUDA then fails, and online a run
+    silently executes code the graft was never checked with. `USE_HUB_KERNELS=1` opts back in.
+    """
+    if os.environ.get("USE_HUB_KERNELS") is None:
+        kwargs.setdefault("use_kernels", False)
+    return load(loader, name_or_path, role, **kwargs)
+

@@ -76,6 +76,6 @@ def load_llm_like(llm: str, stored_dtype: torch.dtype, compute_dtype: torch.dtyp
 
     from vlmgraft import hub
 
-    base = hub.load(AutoModelForCausalLM.from_pretrained, llm, "base LLM", dtype=stored_dtype)
+    base = hub.load_model(AutoModelForCausalLM.from_pretrained, llm, "base LLM", dtype=stored_dtype)
     tokenizer = hub.load(AutoTokenizer.from_pretrained, llm, "base LLM tokenizer")
     return base.to(compute_dtype).to(device).eval(), tokenizer

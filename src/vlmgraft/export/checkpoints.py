@@ -139,7 +139,7 @@ def load_processor(ckpt: Checkpoint):
 def load_full(folder: str, dtype: torch.dtype = torch.float32, **kwargs):
     from transformers import AutoModelForImageTextToText
 
-    return hub.load(AutoModelForImageTextToText.from_pretrained, folder, "model", dtype=dtype, **kwargs).eval()
+    return hub.load_model(AutoModelForImageTextToText.from_pretrained, folder, "model", dtype=dtype, **kwargs).eval()
 
 
 def load_adapter(ckpt: Checkpoint, dtype: torch.dtype = torch.float32, **kwargs):

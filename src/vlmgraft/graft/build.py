@@ -109,14 +109,14 @@ def load_sources(vision: str, llm: str, image_size: int | None = None):
                             f"{donor_config.model_type!r} donor")
     conversion = None
     if family is LLAVA:  # a dual encoder or a vision tower: no VLM head class, and its text tokenizer is not needed
-        donor = hub.load(AutoModel.from_pretrained, vision, "vision donor", dtype=torch.float32)
+        donor = hub.load_model(AutoModel.from_pretrained, vision, "vision donor", dtype=torch.float32)
         donor_processor = hub.load(AutoImageProcessor.from_pretrained, vision, "vision donor's image processor")
         if naflex:
             donor, donor_processor, conversion = convert_naflex(donor, donor_processor, image_size)
     else:
-        donor = hub.load(AutoModelForImageTextToText.from_pretrained, vision, "vision donor", dtype=torch.float32)
+        donor = hub.load_model(AutoModelForImageTextToText.from_pretrained, vision, "vision donor", dtype=torch.float32)
         donor_processor = hub.load(AutoProcessor.from_pretrained, vision, "vision donor's processor")
-    llm_model = hub.load(AutoModelForCausalLM.from_pretrained, llm, "LLM", dtype=torch.float32)
+    llm_model = hub.load_model(AutoModelForCausalLM.from_pretrained, llm, "LLM", dtype=torch.float32)
     return family, donor, donor_processor, llm_model, conversion
 
 
@@ -267,7 +267,7 @@ def build(opts: BuildOptions, log=print) -> AuditReport:
 
 def audit_folder(folder: str, vision: str, llm: str, log=print) -> AuditReport:
     """Re-run the audit on a saved graft against the donor and LLM it came from."""
-    graft = hub.load(AutoModelForImageTextToText.from_pretrained, folder, "graft", dtype=torch.float32)
+    graft = hub.load_model(AutoModelForImageTextToText.from_pretrained, folder, "graft", dtype=torch.float32)
     processor = hub.load(AutoProcessor.from_pretrained, folder, "graft processor")
     saved = json.loads((Path(folder) / "config.json").read_text())
     donor_type = hub.load(AutoConfig.from_pretrained, vision, "vision donor").model_type

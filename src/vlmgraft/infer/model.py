@@ -60,7 +60,7 @@ def load_for_inference(model_dir: str | Path, device: str = "auto", dtype: str |
     if folder.exists() and not (folder / "config.json").is_file():
         raise VlmgraftError(f"{str(folder)!r} has no config.json: pass a folder written by `vlmgraft build`, "
                             f"`vlmgraft train` or `vlmgraft merge`")
-    model = hub.load(AutoModelForImageTextToText.from_pretrained, str(model_dir), "model", dtype=torch_dtype,
+    model = hub.load_model(AutoModelForImageTextToText.from_pretrained, str(model_dir), "model", dtype=torch_dtype,
                      attn_implementation="sdpa")
     processor = hub.load(AutoProcessor.from_pretrained, str(model_dir), "processor")
     model.to(target).eval()

@@ -94,7 +94,7 @@ def load_model(config: TrainConfig):
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True,
             llm_int8_skip_modules=["vision_model", "connector", "lm_head"])
-    model = hub.load(AutoModelForImageTextToText.from_pretrained, config.model, "model to train", **kwargs)
+    model = hub.load_model(AutoModelForImageTextToText.from_pretrained, config.model, "model to train", **kwargs)
     processor = hub.load(AutoProcessor.from_pretrained, config.model, "model's processor")
     return model, processor
 
