@@ -111,3 +111,19 @@ def test_loader_workers_follow_data_settings_unless_set():
     args = config.for_data(has_eval=True)
     assert args.dataloader_num_workers == 0 and not args.dataloader_persistent_workers
     assert TrainConfig(model="m", data="d", dataloader_num_workers=2).for_data(True).dataloader_num_workers == 2
+
+
+def test_post_training_sections_from_the_cli_reach_trl_configs():
+    from trl import DPOConfig, GRPOConfig
+
+    from vlmgraft.train.rl.common import trl_config
+    from vlmgraft.train.rl.grpo import OWN_KEYS, rewards_for
+
+    config = load_config(None, ["--model", "m", "--data", "d", "--stage", "grpo", "--learning-rate", "3e-5",
+                                "--dpo.beta", "0.2", "--grpo.rewards", "format,iou", "--grpo.num-generations", "4",
+                                "--grpo.max_completion_length", "32"])
+    dpo = trl_config(DPOConfig, config, "dpo", False)
+    assert dpo.beta == 0.2 and dpo.learning_rate == 3e-5  # the run's TrainingArguments, then the section
+    grpo = trl_config(GRPOConfig, config, "grpo", False, OWN_KEYS)
+    assert grpo.num_generations == 4 and grpo.eval_strategy == "no"
+    assert [f.__name__ for f in rewards_for(config, "grpo", grpo)] == ["format_reward", "iou_reward"]

@@ -129,9 +129,11 @@ class TrainConfig(TrainingArguments):
     # non-finite loss from the log; a graft run wants that loss seen, and the GPU never waited on.
     logging_nan_inf_filter: bool = False
     remove_unused_columns: bool = False  # the collator reads every field of a sample
-    prediction_loss_only: bool = True  # evaluation reports the loss; logits of a whole eval set would not fit
-    label_names: list[str] | None = field(default_factory=lambda: ["labels"])  # GraftTrainer's model takes no label
-    ddp_find_unused_parameters: bool | None = False  # frozen groups are excluded from DDP, not found unused each step
+    prediction_loss_only: bool = True  # evaluation reports the loss, never gathering full-vocabulary logits
+    # The eval loss needs the labels named: the Trainer cannot read them off a PEFT-wrapped model's forward.
+    label_names: list[str] | None = field(default_factory=lambda: ["labels"])
+    # Every trainable parameter gets a gradient each step: DDP need not search the graph for unused ones.
+    ddp_find_unused_parameters: bool | None = False
 
     def __post_init__(self):
         cuda = torch.cuda.is_available()

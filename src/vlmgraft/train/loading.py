@@ -24,7 +24,7 @@ from vlmgraft.train.config import NESTED, POST_TRAINING, TrainConfig
 SECTIONS = (*NESTED, *POST_TRAINING)
 _UNSET = object()  # the parsers' default: tells the keys given from those left out
 # What the keys of each section are, for the error that names an unknown one.
-_SECTION_KINDS = {"dpo": "a field of TRL's DPOConfig", "grpo": "a field of TRL's GRPOConfig nor `rewards`",
+_SECTION_KINDS = {"dpo": "a field of TRL's DPOConfig", "grpo": "`rewards` or a field of TRL's GRPOConfig",
                   "chord": "a CHORD setting (GRPO settings go in the 'grpo' section)"}
 
 
