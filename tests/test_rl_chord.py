@@ -93,7 +93,7 @@ def test_post_training_examples_make_valid_trl_configs():
 
     from trl import DPOConfig, GRPOConfig
 
-    from vlmgraft.train.config import load_config
+    from vlmgraft.train.loading import load_config
     from vlmgraft.train.rl.common import trl_config
     from vlmgraft.train.rl.grpo import OWN_KEYS
 

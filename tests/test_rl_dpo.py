@@ -12,7 +12,8 @@ from transformers import AutoProcessor
 
 from vlmgraft.data.encode import IGNORE
 from vlmgraft.errors import VlmgraftError
-from vlmgraft.train.config import TrainConfig, load_config
+from vlmgraft.train.config import TrainConfig
+from vlmgraft.train.loading import load_config
 from vlmgraft.train.rl.collate import PreferenceCollator, last_turn_mask
 from vlmgraft.train.rl.data import as_dataset, read_preferences
 
@@ -138,8 +139,8 @@ def test_dpo_section_keys_are_checked_and_cli_values_coerced(tmp_path):
 
     from vlmgraft.train.rl.common import trl_config
 
-    config = load_config(None, {"model": "m", "data": "d", "stage": "dpo", "output_dir": str(tmp_path),
-                                "report_to": "none", "dpo": {"beta": "0.3", "loss_type": "sigmoid"}})
+    config = load_config(None, model="m", data="d", stage="dpo", output_dir=str(tmp_path), report_to="none",
+                         dpo={"beta": "0.3", "loss_type": "sigmoid"})
     args = trl_config(DPOConfig, config, "dpo", False, max_length=None)
     assert args.beta == 0.3 and args.max_length is None and args.loss_type == ["sigmoid"]
     config.dpo["betta"] = 1

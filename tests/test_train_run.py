@@ -15,7 +15,7 @@ from transformers import TrainerCallback
 
 from vlmgraft.data.shapes import ShapesWorld
 from vlmgraft.errors import VlmgraftError
-from vlmgraft.train.config import TrainConfig
+from vlmgraft.train.config import DataSettings, TrainConfig
 from vlmgraft.train.run import train
 from vlmgraft.train.speed import mark_cuda_graph_step
 
@@ -29,15 +29,11 @@ def vqa_data(tmp_path_factory):
 
 
 def _config(model, data, out, **overrides) -> TrainConfig:
-    config = TrainConfig(model=str(model), data=data, output_dir=str(out), stage="align",  # bf16 default: fp32 on CPU
-                         report_to=["none"], learning_rate=5e-3, max_steps=6, save_steps=2, logging_steps=1,
-                         per_device_train_batch_size=4, num_sample_images=0, seed=3, data_seed=3)
-    config.data_settings.num_workers = 0
-    config.data_settings.eval_size = 0
-    config.data_settings.max_length = 256
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    return config
+    values = dict(model=str(model), data=data, output_dir=str(out), stage="align",  # bf16 default: fp32 on CPU
+                  report_to=["none"], learning_rate=5e-3, max_steps=6, save_steps=2, logging_steps=1,
+                  per_device_train_batch_size=4, num_sample_images=0, seed=3, data_seed=3,
+                  data_settings=DataSettings(num_workers="0", eval_size=0, max_length=256))
+    return TrainConfig(**{**values, **overrides})
 
 
 def _losses(state_file: Path) -> dict[int, float]:

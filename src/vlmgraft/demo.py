@@ -54,16 +54,13 @@ def _world(seed: int):
 
 
 def _train_config(**kwargs):
-    from vlmgraft.train.config import TrainConfig
+    from vlmgraft.train.config import DataSettings, TrainConfig
 
-    config = TrainConfig(bf16=False, report_to=["none"], logging_steps=10, per_device_train_batch_size=16,
-                         per_device_eval_batch_size=16, warmup_ratio=0.1, weight_decay=0.0, num_sample_images=0,
-                         save_total_limit=1, **kwargs)
-    config.data_settings.num_workers = 0
-    config.data_settings.eval_size = 16
-    config.data_settings.max_length = 512
-    config.eval_steps = config.save_steps = config.max_steps
-    return config
+    steps = kwargs["max_steps"]
+    return TrainConfig(bf16=False, report_to=["none"], logging_steps=10, per_device_train_batch_size=16,
+                       per_device_eval_batch_size=16, warmup_ratio=0.1, weight_decay=0.0, num_sample_images=0,
+                       save_total_limit=1, eval_steps=steps, save_steps=steps,
+                       data_settings=DataSettings(num_workers="0", eval_size=16, max_length=512), **kwargs)
 
 
 def step_data(out: Path, size: DemoSize, seed: int) -> dict[str, str]:

@@ -11,12 +11,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import vlmgraft.train.image_inputs as image_inputs  # noqa: E402
 import vlmgraft.train.run as run  # noqa: E402
-from vlmgraft.train.config import load_config, parse_overrides  # noqa: E402
+from vlmgraft.train.loading import load_config  # noqa: E402
 
 
 def main() -> None:
     record_dir = sys.argv[1]
-    config = load_config(None, parse_overrides(sys.argv[2:]))
+    config = load_config(None, sys.argv[2:])
     make_collator = run._collator
 
     def recording_collator(processor, cfg):

@@ -1,18 +1,21 @@
-"""Training configuration: a YAML file mapped onto dataclasses, with command-line overrides of any key.
+"""Training configuration: `TrainConfig`, transformers' `TrainingArguments` with the graft's own fields.
 
-`vlmgraft train run.yaml --learning-rate 2e-4 --lora.r 32 --max-steps 100`: every `--key value` after the YAML path
-overrides that (dotted) key, with hyphens read as underscores and the value coerced to the field's type.
+Like TRL's `SFTConfig`, every `TrainingArguments` key (`lr_scheduler_type`, `save_strategy`, `optim`, ...) is a key
+of the config and reaches the Trainer as it is; the fields below are only vlmgraft's: what the run trains
+(`model`, `data`, `stage`, module groups, LoRA), how its data is encoded (`data_settings`), its speed switches and
+the post-training sections (`dpo`, `grpo`, `chord`). `vlmgraft.train.loading` reads one from YAML and the command
+line.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
+import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import yaml
+import torch
+from transformers import TrainingArguments
+from transformers.trainer_utils import IntervalStrategy, SchedulerType
 
 from vlmgraft.errors import VlmgraftError
 
@@ -47,8 +50,9 @@ class DataSettings:
     overflow: str = "drop_turns"  # or "fewer_tiles", "skip"
     packing: bool = True
     eval_size: int = 64  # held out from `data` when `eval_data` is not given
-    # DataLoader worker processes; "auto": on CUDA all but two of this process's cores, at most 12 (enough to feed
-    # align on a fast GPU, bench/bench_data.py), elsewhere none below 8 cores (the CPU is busy training).
+    # DataLoader worker processes unless `dataloader_num_workers` is set; "auto": on CUDA all but two of this
+    # process's cores, at most 12 (enough to feed align on a fast GPU, bench/bench_data.py), elsewhere none below 8
+    # cores (the CPU is busy training).
     num_workers: str = "auto"  # or a number
     enable_thinking: bool = False
     # "uint8": workers ship raw tiles and the GPU normalises them (less CPU, 4× less to copy); "processor": the
@@ -59,11 +63,16 @@ class DataSettings:
     pad_to_multiple_of: str = "auto"  # or a number
 
 
+# Fields holding a nested dataclass: YAML mappings (`lora: {r: 8}`) and dotted keys (`--lora.r 8`).
+NESTED = {"lora": LoraSettings, "learning_rates": GroupLearningRates, "data_settings": DataSettings}
+# Post-training sections: only the keys set, checked against TRL's config classes (vlmgraft.train.loading).
+POST_TRAINING = ("dpo", "grpo", "chord")
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(TrainingArguments):
     model: str = ""  # a graft folder from `vlmgraft build` (or a merged earlier stage)
     data: str = ""  # a data SPEC (see `vlmgraft data --help`)
-    output_dir: str = "runs/vlmgraft"
     stage: str = "align"  # align | align-head | finetune | full | dpo | grpo | chord
     eval_data: str | None = None
     # Which module groups train; empty means the stage's preset.
@@ -72,19 +81,9 @@ class TrainConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)
     learning_rates: GroupLearningRates = field(default_factory=GroupLearningRates)
     data_settings: DataSettings = field(default_factory=DataSettings)
-    # Optimisation (mapped onto transformers.TrainingArguments).
-    learning_rate: float = 1e-4
-    lr_scheduler_type: str = "cosine"
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0
-    per_device_train_batch_size: int = 4  # align at real size fits a 24 GB card (bench/bench_train_run.py)
-    per_device_eval_batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    num_train_epochs: float = 1.0
-    max_steps: int = -1
-    bf16: bool = True
-    gradient_checkpointing: bool = False
+    # A fraction of the training steps spent warming up (the key of transformers 4); sets `warmup_steps`, which
+    # transformers 5 reads as a ratio below 1 and as a step count from 1.
+    warmup_ratio: float | None = None
     # "auto": flex attention in the LLM for packed batches on CUDA, else SDPA (vlmgraft.train.speed says why);
     # or any transformers implementation name (sdpa, eager, flex_attention, flash_attention_2).
     attn_implementation: str = "auto"
@@ -96,124 +95,123 @@ class TrainConfig:
     # where it lifts a GPU that waits on Python's kernel launches (vlmgraft.train.speed says when it pays).
     cuda_graphs: bool = False
     quantize_4bit: bool = False  # QLoRA: 4-bit base weights through bitsandbytes (CUDA only)
-    seed: int = 42
-    data_seed: int = 42
-    logging_steps: int = 10
-    eval_steps: int = 200
-    save_steps: int = 200
-    save_total_limit: int = 2
     sample_every: int = 0  # generate answers for a few eval images every k steps (0: at each eval)
     num_sample_images: int = 4
-    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
-    run_name: str | None = None
     vision_gap_warn: float = 0.01  # warn when loss(noise images) - loss(real images) stays below this after warm-up
-    deepspeed: str | None = None
-    fsdp: str = ""
-    fsdp_config: str | None = None
     # Post-training stages (vlmgraft.train.rl): any DPOConfig / GRPOConfig field, plus `rewards` for grpo and chord
     # and CHORD's own settings (sft_data, mu_peak, mu_valley, mu_warmup_steps, mu_decay_steps, phi).
     dpo: dict = field(default_factory=dict)
     grpo: dict = field(default_factory=dict)
     chord: dict = field(default_factory=dict)
 
+    # TrainingArguments fields whose default differs for a graft run.
+    output_dir: str | None = "runs/vlmgraft"
+    learning_rate: float = 1e-4
+    lr_scheduler_type: SchedulerType | str = "cosine"
+    warmup_steps: float = 0.1  # below 1: a ratio of the training steps
+    weight_decay: float = 0.01
+    per_device_train_batch_size: int = 4  # align at real size fits a 24 GB card (bench/bench_train_run.py)
+    num_train_epochs: float = 1.0
+    bf16: bool = True  # on CUDA only (__post_init__)
+    logging_steps: float = 10
+    # None: "epoch" when saving at each epoch, else "steps"; turned off when the run has no eval data.
+    eval_strategy: IntervalStrategy | str | None = None
+    eval_steps: float | None = None  # None: at every checkpoint (save_steps)
+    save_steps: float = 200
+    save_total_limit: int | None = 2
+    # None: the best checkpoint (lowest eval loss) ends the run wherever evaluation and saving line up.
+    load_best_model_at_end: bool | None = None
+    data_seed: int | None = 42
+    report_to: None | str | list[str] = field(default_factory=lambda: ["tensorboard"])
+    # None: `data_settings.num_workers` decides ("auto" unless set).
+    dataloader_num_workers: int | None = None
+    # The Trainer's NaN/inf filter reads every step's loss back from the GPU (two waits per step) to hide a
+    # non-finite loss from the log; a graft run wants that loss seen, and the GPU never waited on.
+    logging_nan_inf_filter: bool = False
+    remove_unused_columns: bool = False  # the collator reads every field of a sample
+    prediction_loss_only: bool = True  # evaluation reports the loss, never gathering full-vocabulary logits
+    # The eval loss needs the labels named: the Trainer cannot read them off a PEFT-wrapped model's forward.
+    label_names: list[str] | None = field(default_factory=lambda: ["labels"])
+    # Every trainable parameter gets a gradient each step: DDP need not search the graph for unused ones.
+    ddp_find_unused_parameters: bool | None = False
 
-def coerce(value, annotation, key: str):
-    """Turn a YAML/CLI value into the dataclass field's type (ints, floats, bools, lists, optionals)."""
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            return None
-        return coerce(value, next(a for a in args if a is not type(None)), key)
-    if origin is list:
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        return [coerce(v, args[0], key) for v in value]
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        if str(value).lower() in ("true", "1", "yes", "on"):
-            return True
-        if str(value).lower() in ("false", "0", "no", "off"):
-            return False
-        raise VlmgraftError(f"config key {key!r}: expected true/false, got {value!r}")
-    if annotation in (int, float, str):
-        try:
-            return annotation(value)
-        except (TypeError, ValueError) as err:
-            raise VlmgraftError(f"config key {key!r}: expected {annotation.__name__}, got {value!r}") from err
-    return value
+    def __post_init__(self):
+        cuda = torch.cuda.is_available()
+        # bf16 weights and autocast on CUDA; elsewhere fp32, since the Trainer autocasts only on CUDA and bf16 frozen
+        # parts would then meet the fp32 trainable ones.
+        self.bf16 = bool(self.bf16) and cuda and torch.cuda.is_bf16_supported()
+        # Without an accelerator, say so: torchrun on CPUs then runs real DDP over gloo instead of N copies.
+        self.use_cpu = self.use_cpu or not (cuda or torch.backends.mps.is_available())
+        self.dataloader_pin_memory = self.dataloader_pin_memory and cuda  # pinned pages speed up CUDA copies only
+        if self.accelerator_config is None:
+            # Pinned batches go to the GPU without a host wait, so the next step queues up while this one computes.
+            self.accelerator_config = {"non_blocking": cuda}
+        if self.warmup_ratio is not None:
+            if not 0 <= self.warmup_ratio < 1:
+                raise VlmgraftError(f"config key 'warmup_ratio': a fraction of the training steps in [0, 1), got "
+                                    f"{self.warmup_ratio}; for a number of steps set warmup_steps")
+            self.warmup_steps = self.warmup_ratio
+        self._workers_from_settings = self.dataloader_num_workers is None
+        if self._workers_from_settings:
+            self.dataloader_num_workers = loader_workers(self.data_settings.num_workers, cuda)
+            self.dataloader_persistent_workers = self.dataloader_num_workers > 0
+        self._checkpointing()
+        save = _value(self.save_strategy)
+        if self.eval_strategy is None:
+            self.eval_strategy = "epoch" if save == "epoch" else "steps"
+        if self.eval_steps is None:
+            self.eval_steps = self.save_steps
+        if self.load_best_model_at_end is None:
+            evaluate = _value(self.eval_strategy)
+            self.load_best_model_at_end = save == "best" or (save == evaluate != "no" and (
+                evaluate != "steps" or self.save_steps % self.eval_steps == 0))
+        # `--train-groups vision,connector` as well as `--train-groups vision connector`.
+        self.train_groups = [g.strip() for item in self.train_groups for g in str(item).split(",") if g.strip()]
+        super().__post_init__()
 
+    def _checkpointing(self) -> None:
+        """Activation checkpointing, non-reentrant, under the name this transformers uses: 5.24 renamed
+        `gradient_checkpointing` (still the YAML key) to `activation_checkpointing` and warns at the old one."""
+        name = "activation_checkpointing" if "activation_checkpointing" in self.__dataclass_fields__ \
+            else "gradient_checkpointing"
+        if name != "gradient_checkpointing" and getattr(self, name) is None and self.gradient_checkpointing is not None:
+            setattr(self, name, self.gradient_checkpointing)
+            self.gradient_checkpointing = None
+        if getattr(self, name) and getattr(self, f"{name}_kwargs") is None:
+            setattr(self, f"{name}_kwargs", {"use_reentrant": False})
 
-def _apply(obj, mapping: dict, prefix: str = "") -> None:
-    hints = typing.get_type_hints(type(obj))
-    names = {f.name for f in dataclasses.fields(obj)}
-    for raw_key, value in mapping.items():
-        key = str(raw_key).replace("-", "_")
-        dotted = prefix + key
-        if key not in names:
-            close = [n for n in names if n.startswith(key[:3])]
-            hint = f" (did you mean {', '.join(sorted(close))}?)" if close else ""
-            raise VlmgraftError(f"unknown config key {dotted!r}{hint}")
-        current = getattr(obj, key)
-        if dataclasses.is_dataclass(current):
-            if not isinstance(value, dict):
-                raise VlmgraftError(f"config key {dotted!r} must be a mapping")
-            _apply(current, value, dotted + ".")
-        elif isinstance(current, dict):  # free-form settings (dpo, grpo, chord): keys merge, checked where used
-            if not isinstance(value, dict):
-                raise VlmgraftError(f"config key {dotted!r} must be a mapping")
-            setattr(obj, key, {**current, **{str(k).replace("-", "_"): v for k, v in value.items()}})
-        else:
-            setattr(obj, key, coerce(value, hints[key], dotted))
+    def for_data(self, has_eval: bool) -> TrainConfig:
+        """These arguments for a run that has eval data or not: without it, no evaluation and no best model; loader
+        workers from `data_settings.num_workers` as it is now (code may set it after construction)."""
+        changes = {} if has_eval else {"eval_strategy": "no", "load_best_model_at_end": False}
+        if self._workers_from_settings:
+            changes["dataloader_num_workers"] = None
+        return dataclasses.replace(self, **changes) if changes else self
 
-
-def parse_overrides(args: list[str]) -> dict:
-    """`--a.b 3 --flag --c=x` → {"a": {"b": "3"}, "flag": True, "c": "x"}."""
-    result: dict = {}
-    i = 0
-    while i < len(args):
-        token = args[i]
-        if not token.startswith("--"):
-            raise VlmgraftError(f"unexpected argument {token!r}: overrides look like --key value")
-        key, eq, value = token[2:].partition("=")
-        if not eq:
-            if i + 1 < len(args) and not args[i + 1].startswith("--"):
-                value = args[i + 1]
-                i += 1
-            else:
-                value = True
-        node = result
-        parts = key.replace("-", "_").split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
-        i += 1
-    return result
-
-
-def load_config(path: str | Path | None, overrides: dict | None = None) -> TrainConfig:
-    config = TrainConfig()
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise VlmgraftError(f"training config {str(path)!r} does not exist")
-        try:
-            mapping = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise VlmgraftError(f"{path}: invalid YAML: {err}") from err
-        if not isinstance(mapping, dict):
-            raise VlmgraftError(f"{path}: expected a mapping of config keys at the top level")
-        try:
-            _apply(config, mapping)
-        except VlmgraftError as err:
-            raise VlmgraftError(f"{path}: {err}") from err
-    _apply(config, overrides or {})
-    for name, value in (("model", config.model), ("data", config.data)):
-        if not value:
-            raise VlmgraftError(f"config key {name!r} is required (set it in the YAML or pass --{name})")
-    return config
+    def to_dict(self) -> dict:
+        """Plain values (nested settings as mappings), for run_config.yaml and vlmgraft_checkpoint.json."""
+        values = super().to_dict()
+        for name in NESTED:
+            values[name] = dataclasses.asdict(getattr(self, name))
+        return values
 
 
-def to_dict(config: TrainConfig) -> dict:
-    return dataclasses.asdict(config)
+def _value(strategy) -> str:
+    """A strategy field's value, before or after TrainingArguments turns it into an enum."""
+    return str(getattr(strategy, "value", strategy))
+
+
+def loader_workers(value, cuda: bool, cores: int | None = None) -> int:
+    """`data_settings.num_workers` resolved: a number as given; "auto" from the cores this process may use (shared
+    with the other processes of a torchrun/accelerate launch on this machine)."""
+    text = str(value).strip()
+    if text == "auto":
+        if cores is None:
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        cores //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        # Two cores stay with the training process and its pin-memory thread; a CPU run computes on all of them.
+        return min(12, max(0, cores - 2)) if cuda else (min(4, cores // 4) if cores >= 8 else 0)
+    if not text.isdigit():
+        raise VlmgraftError(f"config key 'data_settings.num_workers': expected 'auto' or a whole number >= 0, "
+                            f"got {value!r}")
+    return int(text)

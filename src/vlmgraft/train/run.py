@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import torch
 import torch._inductor.config as inductor_config
 import yaml
-from transformers import AutoModelForImageTextToText, AutoProcessor, TrainingArguments
+from transformers import AutoModelForImageTextToText, AutoProcessor
 from transformers.trainer_utils import get_last_checkpoint
 
 from vlmgraft import hub
@@ -25,7 +24,7 @@ from vlmgraft.errors import VlmgraftError
 from vlmgraft.graft.build import inside_output
 from vlmgraft.graft.families import family_for
 from vlmgraft.train.callbacks import CHECKPOINT_META, CheckpointMetadata, SampleAnswers
-from vlmgraft.train.config import TrainConfig, to_dict
+from vlmgraft.train.config import TrainConfig
 from vlmgraft.train.speed import (
     attention_for,
     compile_enabled,
@@ -71,14 +70,8 @@ def resolve_output(config: TrainConfig, force: bool) -> str | None:
     return last
 
 
-def _use_bf16(config: TrainConfig) -> bool:
-    """bf16 weights and autocast on CUDA; elsewhere fp32, since the Trainer autocasts only on CUDA and bf16 frozen
-    parts would then meet the fp32 trainable ones."""
-    return config.bf16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-
-
 def load_model(config: TrainConfig):
-    dtype = torch.bfloat16 if _use_bf16(config) else torch.float32
+    dtype = torch.bfloat16 if config.bf16 else torch.float32  # bf16 only where it trains (TrainConfig)
     attention = attention_for(config.attn_implementation, config.data_settings.packing)
     kwargs = {"dtype": dtype, "attn_implementation": attention}
     if config.quantize_4bit:
@@ -97,47 +90,6 @@ def load_model(config: TrainConfig):
     model = hub.load_model(AutoModelForImageTextToText.from_pretrained, config.model, "model to train", **kwargs)
     processor = hub.load(AutoProcessor.from_pretrained, config.model, "model's processor")
     return model, processor
-
-
-def _checkpointing_arguments(enabled: bool) -> dict:
-    """Activation checkpointing for TrainingArguments, under the name this transformers uses: 5.24 calls it
-    `activation_checkpointing` and warns at every run that passes the old `gradient_checkpointing`."""
-    if not enabled:
-        return {}
-    fields = TrainingArguments.__dataclass_fields__
-    name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
-    return {name: True, f"{name}_kwargs": {"use_reentrant": False}}
-
-
-def training_arguments(config: TrainConfig, has_eval: bool) -> TrainingArguments:
-    use_bf16 = _use_bf16(config)
-    workers = loader_workers(config.data_settings.num_workers, torch.cuda.is_available())
-    return TrainingArguments(
-        output_dir=config.output_dir, run_name=config.run_name, seed=config.seed, data_seed=config.data_seed,
-        learning_rate=config.learning_rate, lr_scheduler_type=config.lr_scheduler_type,
-        warmup_steps=config.warmup_ratio, weight_decay=config.weight_decay,
-        max_grad_norm=config.max_grad_norm, per_device_train_batch_size=config.per_device_train_batch_size,
-        per_device_eval_batch_size=config.per_device_eval_batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps, num_train_epochs=config.num_train_epochs,
-        max_steps=config.max_steps, bf16=use_bf16, **_checkpointing_arguments(config.gradient_checkpointing),
-        logging_steps=config.logging_steps,
-        # The Trainer's NaN/inf filter reads every step's loss back from the GPU (two waits per step) to hide a
-        # non-finite loss from the log; a graft run wants that loss seen, and the GPU never waited on.
-        logging_nan_inf_filter=False,
-        eval_strategy="steps" if has_eval else "no", eval_steps=config.eval_steps if has_eval else None,
-        save_strategy="steps", save_steps=config.save_steps, save_total_limit=config.save_total_limit,
-        load_best_model_at_end=has_eval, metric_for_best_model="eval_loss" if has_eval else None,
-        greater_is_better=False if has_eval else None, report_to=config.report_to,
-        remove_unused_columns=False, prediction_loss_only=True, label_names=["labels"],
-        dataloader_num_workers=workers, dataloader_persistent_workers=workers > 0,
-        dataloader_pin_memory=torch.cuda.is_available(),
-        # Pinned batches go to the GPU without a host wait, so the next step queues up while this one computes.
-        accelerator_config={"non_blocking": torch.cuda.is_available()},
-        # Without an accelerator, say so: torchrun on CPUs then runs real DDP over gloo instead of N copies.
-        use_cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
-        ddp_find_unused_parameters=False, deepspeed=config.deepspeed, fsdp=config.fsdp or None,
-        fsdp_config=config.fsdp_config,
-    )
 
 
 def _datasets(config: TrainConfig):
@@ -172,22 +124,6 @@ def _pad_multiple(value: str, cuda: bool) -> int:
     return int(value)
 
 
-def loader_workers(value, cuda: bool, cores: int | None = None) -> int:
-    """`data_settings.num_workers` resolved: a number as given; "auto" from the cores this process may use (shared
-    with the other processes of a torchrun/accelerate launch on this machine)."""
-    text = str(value).strip()
-    if text == "auto":
-        if cores is None:
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        cores //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-        # Two cores stay with the training process and its pin-memory thread; a CPU run computes on all of them.
-        return min(12, max(0, cores - 2)) if cuda else (min(4, cores // 4) if cores >= 8 else 0)
-    if not text.isdigit():
-        raise VlmgraftError(f"config key 'data_settings.num_workers': expected 'auto' or a whole number >= 0, "
-                            f"got {value!r}")
-    return int(text)
-
-
 def train(config: TrainConfig, force: bool = False, callbacks: tuple = (), echo=print) -> TrainResult:
     if config.stage in ("dpo", "grpo", "chord"):  # post-training on TRL's trainers
         from vlmgraft.train.rl.runner import run_post_training
@@ -196,7 +132,7 @@ def train(config: TrainConfig, force: bool = False, callbacks: tuple = (), echo=
     resume_from = resolve_output(config, force)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "run_config.yaml").write_text(yaml.safe_dump(to_dict(config), allow_unicode=True, sort_keys=False))
+    (out / "run_config.yaml").write_text(yaml.safe_dump(config.to_dict(), allow_unicode=True, sort_keys=False))
     model, processor = load_model(config)
     family = family_for(model.config.model_type)
     model, plan = prepare_model(model, family, config)
@@ -221,12 +157,12 @@ def train(config: TrainConfig, force: bool = False, callbacks: tuple = (), echo=
 
     train_ds, eval_ds = _datasets(config)
     collator = _collator(processor, config)
-    args = training_arguments(config, has_eval=eval_ds is not None and len(eval_ds) > 0)
+    args = config.for_data(has_eval=eval_ds is not None and len(eval_ds) > 0)
     echo(f"data: {args.dataloader_num_workers} loader workers (data_settings.num_workers: "
          f"{config.data_settings.num_workers})")
     base_model = config.model
     meta = {"base_model": str(Path(base_model).resolve()) if hub.is_local(base_model) else base_model,
-            "stage": plan.stage, "lora": plan.lora, "config": to_dict(config),
+            "stage": plan.stage, "lora": plan.lora, "config": config.to_dict(),
             # chat, serve and webui default to the thinking switch the model learnt to answer with
             "enable_thinking": config.data_settings.enable_thinking}
     fixed = [eval_ds[i] for i in range(min(config.num_sample_images, len(eval_ds)))] if eval_ds else []

@@ -37,21 +37,14 @@ class ChordSettings:
 
     @classmethod
     def from_config(cls, config: TrainConfig) -> ChordSettings:
-        known = {f.name: f for f in fields(cls)}
-        values = {}
-        for key, value in config.chord.items():
+        from vlmgraft.train.loading import typed_values
+
+        known = [f.name for f in fields(cls)]
+        for key in config.chord:
             if key not in known:
                 raise VlmgraftError(f"config key 'chord.{key}' is not a CHORD setting ({', '.join(known)}); GRPO "
                                     f"settings go in the 'grpo' section")
-            kind = bool if key == "phi" else float if key.startswith("mu_") and "steps" not in key else \
-                int if key != "sft_data" else str
-            if key == "phi" and isinstance(value, str):
-                value = value.lower() in ("true", "1", "yes", "on")
-            try:
-                values[key] = None if value is None else kind(value)
-            except (TypeError, ValueError) as err:
-                raise VlmgraftError(f"config key 'chord.{key}': expected {kind.__name__}, got {value!r}") from err
-        settings = cls(**values)
+        settings = cls(**typed_values(config.chord, "chord"))
         if not settings.sft_data:
             raise VlmgraftError("chord.sft_data is required: the expert SFT data (any `vlmgraft data` SPEC)")
         if not (0 <= settings.mu_valley <= 1 and 0 <= settings.mu_peak <= 1):

@@ -2,19 +2,17 @@
 
 A TRL config (DPOConfig, GRPOConfig) starts from the very TrainingArguments every other stage trains with, so
 `learning_rate`, `max_steps`, `bf16`, checkpoints and logging mean the same thing; the stage's own section (`dpo:`,
-`grpo:`) then sets any field of that TRL config, with values from the command line coerced to the field's type.
+`grpo:`) then sets any field of that TRL config, checked and typed by that class's parser (vlmgraft.train.loading).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import typing
 
 from transformers import TrainingArguments
 
 from vlmgraft.errors import VlmgraftError
-from vlmgraft.train.config import TrainConfig, coerce
+from vlmgraft.train.config import TrainConfig
 from vlmgraft.train.stages import optimizer_groups
 
 
@@ -22,41 +20,17 @@ def trl_config(cls, config: TrainConfig, section: str, has_eval: bool, own_keys:
                **defaults):
     """`cls` (a TRL config class) with the run's TrainingArguments, then `defaults`, then the `section` settings
     (minus `own_keys`, which are vlmgraft's, not TRL's)."""
-    from vlmgraft.train.run import training_arguments
+    from vlmgraft.train.loading import typed_values
 
-    base = training_arguments(config, has_eval)
+    base = config.for_data(has_eval)
     values = {f.name: getattr(base, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
     values.update(defaults)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    hints = typing.get_type_hints(cls)
-    for key, value in getattr(config, section).items():
-        if key in own_keys:
-            continue
-        if key not in fields:
-            close = difflib.get_close_matches(key, list(fields), n=3)
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise VlmgraftError(f"config key '{section}.{key}' is not a field of TRL's {cls.__name__}{hint}")
-        values[key] = _coerce_loose(value, hints.get(key), f"{section}.{key}")
+    settings = typed_values(getattr(config, section), section)
+    values.update({k: v for k, v in settings.items() if k not in own_keys})
     try:
         return cls(**values)
     except (TypeError, ValueError) as err:
         raise VlmgraftError(f"config section {section!r}: {err}") from err
-
-
-def _coerce_loose(value, annotation, key: str):
-    """Values given as text on the command line take the field's type; YAML values pass as they are."""
-    if not isinstance(value, str) or annotation is None:
-        return value
-    if value.lower() in ("none", "null"):
-        return None
-    args = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
-    for candidate in (bool, int, float, list):
-        if candidate in args or typing.get_origin(annotation) is candidate:
-            try:
-                return coerce(value, candidate if candidate is not list else list[str], key)
-            except VlmgraftError:
-                continue
-    return value
 
 
 class GroupOptimizer:

@@ -13,6 +13,7 @@ Rows' prompts travel as JSON and their images as references; both are decoded wh
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field, fields
 
 from trl import GRPOConfig, GRPOTrainer
 
@@ -25,7 +26,16 @@ from vlmgraft.train.rl.common import GroupOptimizer, drop_reference_adapter, trl
 from vlmgraft.train.rl.data import read_prompts
 from vlmgraft.train.rl.rewards import resolve_rewards
 
-OWN_KEYS = ("rewards",)
+
+@dataclass
+class RewardSettings:
+    """The `grpo:` section's keys that are vlmgraft's, beside GRPOConfig's."""
+
+    # built in: accuracy, format, iou, soft_overlong; or your own as module:function
+    rewards: list[str] = field(default_factory=list)
+
+
+OWN_KEYS = tuple(f.name for f in fields(RewardSettings))
 
 
 def _decode(batch: dict) -> dict:
@@ -89,8 +99,9 @@ def grpo_args(config: TrainConfig, section: str = "grpo", cls=GRPOConfig):
 
 def rewards_for(config: TrainConfig, section: str, args) -> list:
     names = getattr(config, section).get("rewards") or []
-    if isinstance(names, str):
-        names = [n.strip() for n in names.split(",") if n.strip()]
+    # `rewards: [format, iou]` in YAML, `--grpo.rewards format,iou` or `--grpo.rewards format iou` from the CLI
+    names = [n.strip() for item in ([names] if isinstance(names, str) else names) for n in str(item).split(",")
+             if n.strip()]
     return resolve_rewards(names, args.max_completion_length or 256)
 
 

@@ -17,7 +17,7 @@ from vlmgraft import hub
 from vlmgraft.errors import VlmgraftError
 from vlmgraft.graft.families import family_for
 from vlmgraft.train.callbacks import CHECKPOINT_META, CheckpointMetadata
-from vlmgraft.train.config import TrainConfig, to_dict
+from vlmgraft.train.config import TrainConfig
 from vlmgraft.train.stages import prepare_model, trainable_table
 
 STAGES = ("dpo", "grpo", "chord")
@@ -47,7 +47,7 @@ def run_post_training(config: TrainConfig, force: bool = False, callbacks: tuple
     resume_from = resolve_output(config, force)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "run_config.yaml").write_text(yaml.safe_dump(to_dict(config), allow_unicode=True, sort_keys=False))
+    (out / "run_config.yaml").write_text(yaml.safe_dump(config.to_dict(), allow_unicode=True, sort_keys=False))
     model, processor = load_model(config)
     family = family_for(model.config.model_type)
     model, plan = prepare_model(model, family, config)
@@ -58,7 +58,7 @@ def run_post_training(config: TrainConfig, force: bool = False, callbacks: tuple
          + f"\n{table}")
     base_model = config.model
     meta = {"base_model": str(Path(base_model).resolve()) if hub.is_local(base_model) else base_model,
-            "stage": plan.stage, "lora": plan.lora, "config": to_dict(config)}
+            "stage": plan.stage, "lora": plan.lora, "config": config.to_dict()}
     trainer, skips, stats = _builder(config.stage)(config, model, processor, family,
                                                    [CheckpointMetadata(meta), *callbacks])
     if skips:
