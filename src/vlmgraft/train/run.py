@@ -124,11 +124,22 @@ def _pad_multiple(value: str, cuda: bool) -> int:
     return int(value)
 
 
-def train(config: TrainConfig, force: bool = False, callbacks: tuple = (), echo=print) -> TrainResult:
-    if config.stage in ("dpo", "grpo", "chord"):  # post-training on TRL's trainers
-        from vlmgraft.train.rl.runner import run_post_training
+@dataclass
+class RunStart:
+    """What every stage's run has once its folder is claimed and its model prepared."""
 
-        return run_post_training(config, force, callbacks, echo)
+    out: Path
+    resume_from: str | None
+    model: object
+    processor: object
+    family: object
+    plan: object
+    counts: dict
+    meta: dict  # written next to every checkpoint and the final model
+
+
+def start_run(config: TrainConfig, force: bool, echo=print) -> RunStart:
+    """Claim (or resume) the run folder, save the resolved config, load and prepare the model, say what trains."""
     resume_from = resolve_output(config, force)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -141,6 +152,34 @@ def train(config: TrainConfig, force: bool = False, callbacks: tuple = (), echo=
          + (f" + last {plan.vision_layers} vision layers" if plan.vision_layers else "")
          + (f" + {'DoRA' if config.lora.use_dora else 'LoRA'} r={config.lora.r} on the LLM" if plan.lora else "")
          + f"\n{table}")
+    base_model = config.model
+    meta = {"base_model": str(Path(base_model).resolve()) if hub.is_local(base_model) else base_model,
+            "stage": plan.stage, "lora": plan.lora, "config": config.to_dict(),
+            # chat, serve and webui default to the thinking switch the model learnt to answer with
+            "enable_thinking": config.data_settings.enable_thinking}
+    return RunStart(out, resume_from, model, processor, family, plan, counts, meta)
+
+
+def finish_run(trainer, run: RunStart, summary: dict) -> Path:
+    """Save `final/` (model or adapter, processor, metadata) and `run_summary.json`; the main process writes."""
+    final = run.out / "final"
+    trainer.save_model(str(final))
+    if trainer.is_world_process_zero():
+        run.processor.save_pretrained(final)
+        (final / CHECKPOINT_META).write_text(json.dumps({**run.meta, "step": trainer.state.global_step}, indent=2,
+                                                        ensure_ascii=False))
+        (run.out / "run_summary.json").write_text(json.dumps({**summary, "trainable": run.counts}, indent=2,
+                                                             ensure_ascii=False, default=str))
+    return final
+
+
+def train(config: TrainConfig, force: bool = False, callbacks: tuple = (), echo=print) -> TrainResult:
+    if config.stage in ("dpo", "grpo", "chord"):  # post-training on TRL's trainers
+        from vlmgraft.train.rl.runner import run_post_training
+
+        return run_post_training(config, force, callbacks, echo)
+    run = start_run(config, force, echo)
+    model, processor, family = run.model, run.processor, run.family
     if config.gradient_checkpointing:
         model.enable_input_require_grads()
     if torch.cuda.is_available():
@@ -160,36 +199,25 @@ def train(config: TrainConfig, force: bool = False, callbacks: tuple = (), echo=
     args = config.for_data(has_eval=eval_ds is not None and len(eval_ds) > 0)
     echo(f"data: {args.dataloader_num_workers} loader workers (data_settings.num_workers: "
          f"{config.data_settings.num_workers})")
-    base_model = config.model
-    meta = {"base_model": str(Path(base_model).resolve()) if hub.is_local(base_model) else base_model,
-            "stage": plan.stage, "lora": plan.lora, "config": config.to_dict(),
-            # chat, serve and webui default to the thinking switch the model learnt to answer with
-            "enable_thinking": config.data_settings.enable_thinking}
     fixed = [eval_ds[i] for i in range(min(config.num_sample_images, len(eval_ds)))] if eval_ds else []
     sample_set = [s for s in fixed if s is not None]  # a row whose image was unreadable is skipped
     trainer = GraftTrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds if args.eval_strategy != "no" else None,
         data_collator=collator, processing_class=processor, family=family, graft_config=config,
-        callbacks=[CheckpointMetadata(meta),
-                   SampleAnswers(processor, sample_set, config.sample_every, out),
+        callbacks=[CheckpointMetadata(run.meta),
+                   SampleAnswers(processor, sample_set, config.sample_every, run.out),
                    *callbacks])
-    if resume_from:
-        echo(f"resuming from {resume_from}")
-    result = trainer.train(resume_from_checkpoint=resume_from)
+    if run.resume_from:
+        echo(f"resuming from {run.resume_from}")
+    result = trainer.train(resume_from_checkpoint=run.resume_from)
 
-    final = out / "final"
-    trainer.save_model(str(final))
+    skips = getattr(train_ds, "skips", None)
+    final = finish_run(trainer, run, {
+        "metrics": result.metrics, "vision_gaps": trainer.vision_gaps,
+        "data_events": dict(getattr(collator, "stats", {}) or {}), "empty_batches": dict(trainer.empty_batches),
+        "skipped": dict(skips) if skips is not None else {}})
     if trainer.is_world_process_zero():
-        processor.save_pretrained(final)
-        (final / CHECKPOINT_META).write_text(json.dumps({**meta, "step": trainer.state.global_step}, indent=2,
-                                                        ensure_ascii=False))
         from vlmgraft.data.report import data_report
 
-        skips = getattr(train_ds, "skips", None)
-        summary = {"metrics": result.metrics, "trainable": counts, "vision_gaps": trainer.vision_gaps,
-                   "data_events": dict(getattr(collator, "stats", {}) or {}),
-                   "empty_batches": dict(trainer.empty_batches),
-                   "skipped": dict(skips) if skips is not None else {}}
-        (out / "run_summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False, default=str))
         echo(data_report(train_ds, collator))
-    return TrainResult(out, final, result.metrics, trainer.vision_gaps, counts)
+    return TrainResult(run.out, final, result.metrics, trainer.vision_gaps, run.counts)

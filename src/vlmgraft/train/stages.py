@@ -191,3 +191,21 @@ def _warn_unused_rates(model, rates, trained: set[str]) -> None:
         else:
             log.warning(f"learning_rates.{group} ({getattr(rates, group):g}) is ignored: no trained parameter belongs "
                         f"to the {group!r} group in this stage.")
+
+
+class GroupOptimizer:
+    """Mixin for any Trainer (ours and TRL's): the optimiser built from `optimizer_groups`, so per-group learning
+    rates and LoRA+ hold in every stage."""
+
+    family = None
+    graft_config: TrainConfig | None = None
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            opt_model = self.model if model is None else model
+            decay = set(self.get_decay_parameter_names(opt_model))
+            groups = optimizer_groups(opt_model, self.family, self.graft_config, decay)
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            optimizer_kwargs.pop("lr", None)
+            self.optimizer = optimizer_cls(groups, lr=self.args.learning_rate, **optimizer_kwargs)
+        return self.optimizer

@@ -38,7 +38,7 @@ from vlmgraft.train.callbacks import ProgressWithRates
 from vlmgraft.train.config import TrainConfig
 from vlmgraft.train.image_inputs import to_device_nonblocking
 from vlmgraft.train.speed import compile_enabled, mark_cuda_graph_step, sdpa_for_unpacked_rows
-from vlmgraft.train.stages import optimizer_groups
+from vlmgraft.train.stages import GroupOptimizer
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def refuse_data_parallel(n_gpu: int) -> None:
                             f"with CUDA_VISIBLE_DEVICES=0.")
 
 
-class GraftTrainer(Trainer):
+class GraftTrainer(GroupOptimizer, Trainer):
     def __init__(self, *args, family: DonorFamily, graft_config: TrainConfig, probe_batches: int = 4, **kwargs):
         training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
         if training_args is not None:  # before the Trainer places the model on the GPUs
@@ -263,17 +263,6 @@ class GraftTrainer(Trainer):
         else:  # a batch from another collator: rows and padded tokens
             self._tokens += inputs["input_ids"].numel()
             self._samples += inputs["input_ids"].shape[0]
-
-    # -- optimiser ----------------------------------------------------------------------------------------------
-    def create_optimizer(self, model=None):
-        if self.optimizer is None:
-            opt_model = self.model if model is None else model
-            decay = set(self.get_decay_parameter_names(opt_model))
-            groups = optimizer_groups(opt_model, self.family, self.graft_config, decay)
-            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
-            optimizer_kwargs.pop("lr", None)
-            self.optimizer = optimizer_cls(groups, lr=self.args.learning_rate, **optimizer_kwargs)
-        return self.optimizer
 
     # -- logging ------------------------------------------------------------------------------------------------
     def floating_point_ops(self, inputs: dict) -> int:

@@ -1,4 +1,4 @@
-"""What the post-training stages share: TRL configs built from a vlmgraft config, and the graft's optimiser groups.
+"""What the post-training stages share: TRL configs built from a vlmgraft config, and the reference adapter.
 
 A TRL config (DPOConfig, GRPOConfig) starts from the very TrainingArguments every other stage trains with, so
 `learning_rate`, `max_steps`, `bf16`, checkpoints and logging mean the same thing; the stage's own section (`dpo:`,
@@ -13,7 +13,6 @@ from transformers import TrainingArguments
 
 from vlmgraft.errors import VlmgraftError
 from vlmgraft.train.config import TrainConfig
-from vlmgraft.train.stages import optimizer_groups
 
 
 def trl_config(cls, config: TrainConfig, section: str, has_eval: bool, own_keys: tuple[str, ...] = (),
@@ -32,22 +31,6 @@ def trl_config(cls, config: TrainConfig, section: str, has_eval: bool, own_keys:
     except (TypeError, ValueError) as err:
         raise VlmgraftError(f"config section {section!r}: {err}") from err
 
-
-class GroupOptimizer:
-    """Mixin for a Trainer: per-module-group learning rates and LoRA+ like GraftTrainer (`optimizer_groups`)."""
-
-    family = None
-    graft_config: TrainConfig | None = None
-
-    def create_optimizer(self, model=None):
-        if self.optimizer is None:
-            opt_model = self.model if model is None else model
-            decay = set(self.get_decay_parameter_names(opt_model))
-            groups = optimizer_groups(opt_model, self.family, self.graft_config, decay)
-            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
-            optimizer_kwargs.pop("lr", None)
-            self.optimizer = optimizer_cls(groups, lr=self.args.learning_rate, **optimizer_kwargs)
-        return self.optimizer
 
 
 def drop_reference_adapter(model) -> None:

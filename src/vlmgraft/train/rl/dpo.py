@@ -11,8 +11,9 @@ from trl import DPOConfig, DPOTrainer
 
 from vlmgraft.train.config import TrainConfig
 from vlmgraft.train.rl.collate import PreferenceCollator
-from vlmgraft.train.rl.common import GroupOptimizer, drop_reference_adapter, trl_config
+from vlmgraft.train.rl.common import drop_reference_adapter, trl_config
 from vlmgraft.train.rl.data import as_dataset, read_preferences
+from vlmgraft.train.stages import GroupOptimizer
 
 
 class GraftDPOTrainer(GroupOptimizer, DPOTrainer):

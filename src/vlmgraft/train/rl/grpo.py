@@ -22,9 +22,10 @@ from vlmgraft.data.render import ChatRenderer
 from vlmgraft.data.source import decode_images
 from vlmgraft.errors import VlmgraftError
 from vlmgraft.train.config import TrainConfig
-from vlmgraft.train.rl.common import GroupOptimizer, drop_reference_adapter, trl_config
+from vlmgraft.train.rl.common import drop_reference_adapter, trl_config
 from vlmgraft.train.rl.data import read_prompts
 from vlmgraft.train.rl.rewards import resolve_rewards
+from vlmgraft.train.stages import GroupOptimizer
 
 
 @dataclass
