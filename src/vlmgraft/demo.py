@@ -258,7 +258,7 @@ def run_demo(out: str | Path = "vlmgraft-demo", quick: bool = False, force: bool
           f"{'before alignment':<28}{before:>30.1%}\n{'after alignment':<28}{results['accuracy_after']:>30.1%}\n"
           f"{'after, images → noise':<28}{results['accuracy_ablated']:>30.1%}\n{'chance':<28}{0.25:>30.1%}\n"
           f"\nmodel: {model_dir}   (try: vlmgraft chat {model_dir} --image {out / 'detect_input.png'} "
-          f"--prompt 图中形状是什么颜色？ --no-think)\npicture: {out / 'answers.png'}   took {results['seconds']} s")
+          f"--prompt 图中形状是什么颜色？)\npicture: {out / 'answers.png'}   took {results['seconds']} s")
     return results
 
 
