@@ -32,7 +32,7 @@ from transformers import (
 from vlmgraft import hub
 from vlmgraft.errors import VlmgraftError
 from vlmgraft.graft.families import EXAONE4_5
-from vlmgraft.graft.surgery import ConnectorInit
+from vlmgraft.graft.surgery import ConnectorInit, scaled_normal_init
 from vlmgraft.graft.template import extend_chat_template
 
 IMAGE_TOKEN, VIDEO_TOKEN = "<|image_pad|>", "<|video_pad|>"
@@ -120,20 +120,12 @@ def merger_hidden_rms(donor: PreTrainedModel, donor_processor, seed: int = 0) ->
 def merger_output_init(hidden_rms: float) -> ConnectorInit:
     """The merger's new output layer at the LLM's embedding scale: N(0, (RMS(embeddings)/(rms_in·√fan_in))²), so
     image tokens enter the LLM at the RMS of its text embeddings (the SmolVLM connector's principle); bias zero."""
-    def init(shapes, embeddings, generator):
-        embed_rms = embeddings.float().pow(2).mean().sqrt().item()
-        out = {}
-        for key, shape in shapes.items():
-            if key.endswith(".bias"):
-                out[key] = (torch.zeros(shape, dtype=embeddings.dtype), f"new {tuple(shape)} bias, zeros")
-                continue
-            std = embed_rms / (max(hidden_rms, 1e-6) * math.sqrt(shape[1]))
-            out[key] = ((torch.randn(shape, generator=generator) * std).to(embeddings.dtype),
-                        f"new {tuple(shape)} merger output layer ({shape[1]} → LLM {shape[0]}), N(0, {std:.3g}²): "
-                        f"merger activations (RMS {hidden_rms:.3g}) → the LLM's embedding scale")
-        return out
+    def layer_std(key, shape, embed_rms):
+        std = embed_rms / (max(hidden_rms, 1e-6) * math.sqrt(shape[1]))
+        return std, (f"new {tuple(shape)} merger output layer ({shape[1]} → LLM {shape[0]}), N(0, {std:.3g}²): "
+                     f"merger activations (RMS {hidden_rms:.3g}) → the LLM's embedding scale")
 
-    return init
+    return scaled_normal_init(layer_std)
 
 
 def connector_split(ledger) -> dict:

@@ -26,7 +26,7 @@ from transformers import AutoTokenizer, LlavaConfig, LlavaProcessor, PretrainedC
 from vlmgraft import hub
 from vlmgraft.errors import VlmgraftError
 from vlmgraft.graft.families import LLAVA
-from vlmgraft.graft.surgery import ConnectorInit, donor_vision_module
+from vlmgraft.graft.surgery import ConnectorInit, donor_vision_module, scaled_normal_init
 from vlmgraft.graft.template import extend_chat_template
 
 REUSED_IMAGE_TOKEN = "<|image_pad|>"  # Qwen reserves it (no new embedding row needed)
@@ -161,20 +161,12 @@ def projector_init(features_rms: float) -> ConnectorInit:
     g the RMS GELU leaves of a unit normal, so image tokens enter the LLM at the RMS of its text embeddings. Biases
     start at zero.
     """
-    def init(shapes, embeddings, generator):
-        embed_rms = embeddings.float().pow(2).mean().sqrt().item()
-        out = {}
-        for key, shape in shapes.items():
-            if key.endswith(".bias"):
-                out[key] = (torch.zeros(shape, dtype=embeddings.dtype), f"new {tuple(shape)} bias, zeros")
-                continue
-            first = ".linear_1." in key
-            std = 1 / (max(features_rms, 1e-6) * math.sqrt(shape[1])) if first \
-                else embed_rms / (gelu_rms() * math.sqrt(shape[1]))
-            why = (f"vision features (RMS {features_rms:.3g}) → unit-variance pre-activations" if first
-                   else "GELU outputs → the LLM's embedding scale")
-            out[key] = ((torch.randn(shape, generator=generator) * std).to(embeddings.dtype),
-                        f"new {tuple(shape)} projector layer ({shape[1]} → {shape[0]}), N(0, {std:.3g}²): {why}")
-        return out
+    def layer_std(key, shape, embed_rms):
+        first = ".linear_1." in key
+        std = 1 / (max(features_rms, 1e-6) * math.sqrt(shape[1])) if first \
+            else embed_rms / (gelu_rms() * math.sqrt(shape[1]))
+        why = (f"vision features (RMS {features_rms:.3g}) → unit-variance pre-activations" if first
+               else "GELU outputs → the LLM's embedding scale")
+        return std, f"new {tuple(shape)} projector layer ({shape[1]} → {shape[0]}), N(0, {std:.3g}²): {why}"
 
-    return init
+    return scaled_normal_init(layer_std)

@@ -134,6 +134,23 @@ def smolvlm_connector_init(shapes: dict[str, torch.Size], embeddings: torch.Tens
     return out
 
 
+def scaled_normal_init(layer_std: Callable[[str, torch.Size, float], tuple[float, str]]) -> ConnectorInit:
+    """A connector init that draws each weight from N(0, std²), with (std, reason) from `layer_std(key, shape,
+    RMS of the LLM's embeddings)`; biases start at zero."""
+    def init(shapes, embeddings, generator):
+        embed_rms = embeddings.float().pow(2).mean().sqrt().item()
+        out = {}
+        for key, shape in shapes.items():
+            if key.endswith(".bias"):
+                out[key] = (torch.zeros(shape, dtype=embeddings.dtype), f"new {tuple(shape)} bias, zeros")
+                continue
+            std, why = layer_std(key, shape, embed_rms)
+            out[key] = ((torch.randn(shape, generator=generator) * std).to(embeddings.dtype), why)
+        return out
+
+    return init
+
+
 def vocab_size_for(llm: PreTrainedModel, tokenizer_len: int) -> int:
     llm_vocab = llm.get_input_embeddings().weight.shape[0]
     vocab_size = max(llm_vocab, tokenizer_len)
